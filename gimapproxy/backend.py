@@ -1,0 +1,414 @@
+"""Backend connections: the only module that writes to an IMAP server's socket.
+
+A BackendConnection connects, reads the greeting, logs in with proxy-owned tags, carries a
+client session's bytes, resets itself for the next session and logs out. Every close has a
+reason; every wait has a deadline.
+"""
+from __future__ import annotations
+
+import base64
+import enum
+import itertools
+import logging
+import secrets
+import time
+from typing import Optional
+
+import gevent
+from gevent import socket
+
+from .logfmt import printable
+from .protocol import (Framer, Line, LiteralData, ProtocolError, Response, astring,
+                       filter_capabilities, parse_response)
+
+__all__ = ['BackendConnection', 'BackendError', 'BackendUnavailable', 'BackendDesync',
+           'LoginRefused', 'State']
+
+log = logging.getLogger('gimapproxy.backend')
+
+# Server lines can be long after login (Dovecot's own limit is 64 KiB for client input;
+# its output lines such as a LIST or SEARCH result stay below this).
+MAX_SERVER_LINE = 1024 * 1024
+# Untagged data the proxy reads and drops while it runs its own command.
+MAX_DISCARD = 4 * 1024 * 1024
+RECV_SIZE = 65536
+LOGIN_TIMEOUT = 30.0        # Dovecot delays failed logins by up to 15 s (auth penalty)
+RESET_TIMEOUT = 10.0
+LOGOUT_TIMEOUT = 2.0
+
+_ids = itertools.count(1)
+
+
+class BackendError(Exception):
+    """The backend connection cannot be used; `reason` says why, for the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BackendUnavailable(BackendError):
+    """Connect, greeting or timeout failure: the client gets NO [UNAVAILABLE]."""
+
+
+class BackendDesync(BackendError):
+    """The server said something the proxy did not ask for (R4)."""
+
+
+class LoginRefused(Exception):
+    """The server refused the credentials; `response` is its tagged reply."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class State(enum.Enum):
+    CONNECTING = 'connecting'
+    GREETED = 'greeted'
+    LOGGED_IN = 'logged in'
+    CLOSED = 'closed'
+
+
+class BackendConnection:
+    """One TCP connection to the IMAP server.
+
+    Attributes:
+        id: 'b<n>', unique in the process, used in every log line.
+        capabilities: the server's capability list as sent, post-login once logged in.
+        login_text: the text of the server's tagged OK to the login, replayed on reuse.
+        selected: True, False, or None when unknown: whether a mailbox may be selected.
+        framer: the server-side Framer; the relay and the proxy's own commands share it, so
+            a response half-read by one is finished by the other.
+    """
+
+    def __init__(self, sock: socket.socket, address: tuple) -> None:
+        self.id = 'b%d' % next(_ids)
+        self.sock = sock
+        self.address = address
+        self.framer = Framer(MAX_SERVER_LINE)
+        self.state = State.CONNECTING
+        self.capabilities: list[bytes] = []
+        self.login_text = b'Logged in'
+        self.selected: Optional[bool] = False
+        self.created = time.monotonic()
+        # Proxy-owned tags carry a random prefix that no client can guess, so a late
+        # reply to a client command can never be taken for the proxy's own (R5).
+        self._tag_prefix = b'G' + secrets.token_hex(4).encode()
+        self._tags = itertools.count(1)
+
+    # -- connecting and logging in ------------------------------------------------------
+
+    @classmethod
+    def connect(cls, host: str, port: int, timeout: float) -> 'BackendConnection':
+        """Connect and read the greeting, within `timeout` seconds in all.
+
+        Raises:
+            BackendUnavailable: refused, unreachable, timed out, BYE or PREAUTH greeting.
+        """
+        with gevent.Timeout(timeout, BackendUnavailable('connect timeout after %gs' % timeout)):
+            try:
+                sock = socket.create_connection((host, port))
+            except OSError as exc:
+                raise BackendUnavailable('connect to %s:%d failed: %s'
+                                         % (host, port, exc.strerror or exc)) from None
+            conn = cls(sock, (host, port))
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn._read_greeting()
+            except BaseException:
+                conn.close('greeting failed', quiet=True)
+                raise
+        log.debug('backend connected: id=%s server=%s:%d', conn.id, host, port)
+        return conn
+
+    def _read_greeting(self) -> None:
+        line = self._read_line()
+        try:
+            greeting = parse_response(line)
+        except ProtocolError:
+            raise BackendUnavailable('malformed greeting') from None
+        if greeting.kind != 'untagged' or greeting.status != b'OK':
+            # PREAUTH would hand us some identity we did not ask for; BYE means go away.
+            raise BackendUnavailable('server greeted with %s'
+                                     % printable(greeting.status or b'data'))
+        self.state = State.GREETED
+        self.capabilities = self._code_capabilities(greeting)
+        if not self.capabilities:
+            self.capabilities = self._ask_capabilities()
+
+    def login(self, authzid: bytes, user: bytes, password: bytes) -> None:
+        """Authenticate as `user`; on success `capabilities` holds the post-login list.
+
+        AUTHENTICATE PLAIN is preferred (it carries an authzid and UTF-8), LOGIN is the
+        fallback (R11). The proxy never sends a password to a server that says
+        LOGINDISABLED (R15).
+
+        Raises:
+            LoginRefused: the server said NO or BAD.
+            BackendUnavailable: timeout, EOF, or no usable mechanism.
+            BackendDesync: the server answered with a tag we did not send.
+        """
+        caps = self.capability_set()
+        with gevent.Timeout(LOGIN_TIMEOUT, BackendUnavailable('login timeout')):
+            if b'AUTH=PLAIN' in caps:
+                response, untagged = self._authenticate_plain(authzid, user, password,
+                                                              b'SASL-IR' in caps)
+            elif authzid:
+                raise BackendUnavailable('server offers no AUTH=PLAIN for an authzid login')
+            elif b'LOGINDISABLED' in caps:
+                raise BackendUnavailable('server says LOGINDISABLED')
+            else:
+                response, untagged = self._login_command(user, password, caps)
+            if response.status != b'OK':
+                raise LoginRefused(response)
+            self.state = State.LOGGED_IN
+            self.login_text = response.text or b'Logged in'
+            # The post-login list comes in the OK's code, as untagged data during the
+            # login (lab L1), or has to be asked for.
+            caps_after = self._code_capabilities(response) or self._untagged_capabilities(
+                untagged) or self._ask_capabilities()
+            self.capabilities = caps_after
+
+    def _authenticate_plain(self, authzid: bytes, user: bytes, password: bytes,
+                            sasl_ir: bool) -> tuple[Response, list[bytes]]:
+        # RFC 4616 section 2: message = [authzid] NUL authcid NUL passwd.
+        payload = base64.b64encode(authzid + b'\0' + user + b'\0' + password)
+        tag = self._next_tag()
+        if sasl_ir:
+            # RFC 4959 section 3: the initial response goes on the command line.
+            self.send(tag + b' AUTHENTICATE PLAIN ' + (payload or b'=') + b'\r\n')
+            return self._read_tagged(tag)
+        self.send(tag + b' AUTHENTICATE PLAIN\r\n')
+        return self._read_tagged(tag, continuation=payload + b'\r\n')
+
+    def _login_command(self, user: bytes, password: bytes,
+                       caps: set) -> tuple[Response, list[bytes]]:
+        # RFC 7888 section 5: LITERAL+ allows any non-synchronizing literal, LITERAL- up to
+        # 4096 octets; otherwise wait for the server's "+" before each literal.
+        tag = self._next_tag()
+        parts = [tag + b' LOGIN']
+        literals = []
+        for value in (user, password):
+            non_sync = b'LITERAL+' in caps or (b'LITERAL-' in caps and len(value) <= 4096)
+            text, literal = astring(value, non_sync)
+            parts.append(b' ' + text)
+            if literal is not None:
+                literals.append((b''.join(parts) + b'\r\n', literal, non_sync))
+                parts = []
+        tail = b''.join(parts) + b'\r\n'
+        for head, literal, non_sync in literals:
+            self.send(head)
+            if not non_sync:
+                response = self._wait_continuation(tag)
+                if response is not None:
+                    return response, []
+            self.send(literal)
+        self.send(tail)
+        return self._read_tagged(tag)
+
+    # -- proxy-owned commands ----------------------------------------------------------
+
+    def _next_tag(self) -> bytes:
+        return self._tag_prefix + b'.%d' % next(self._tags)
+
+    def _ask_capabilities(self) -> list[bytes]:
+        response, untagged = self._command(b'CAPABILITY')
+        if response.status != b'OK':
+            raise BackendUnavailable('CAPABILITY failed')
+        return self._untagged_capabilities(untagged)
+
+    def _command(self, text: bytes) -> tuple[Response, list[bytes]]:
+        tag = self._next_tag()
+        self.send(tag + b' ' + text + b'\r\n')
+        return self._read_tagged(tag)
+
+    def reset(self) -> None:
+        """Bring the session back to "logged in, nothing selected" for the next client.
+
+        Deselects without expunging: UNSELECT when the post-login capabilities list it
+        (RFC 3691 section 2), else EXAMINE of a name that cannot exist, since a failed
+        SELECT or EXAMINE leaves nothing selected (RFC 3501 section 6.3.1); never CLOSE on
+        a read-write mailbox, which expunges. Ends with a NOOP read to its tagged OK, so
+        nothing of the previous session is left unread (R26, R27, R29). The commands are
+        pipelined: one round trip.
+
+        Raises:
+            BackendError: timeout, EOF, BYE, a foreign tag, or an unexpected answer.
+        """
+        with gevent.Timeout(RESET_TIMEOUT, BackendUnavailable('reset timeout')):
+            commands = [b'NOOP']
+            if self.selected is not False:
+                caps = self.capability_set()
+                if b'UNSELECT' in caps or b'IMAP4REV2' in caps:
+                    commands.insert(0, b'UNSELECT')
+                else:
+                    commands.insert(0, b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
+                                    + b'-no-such-mailbox"')
+            tags = [self._next_tag() for _ in commands]
+            self.send(b''.join(tag + b' ' + command + b'\r\n'
+                               for tag, command in zip(tags, commands)))
+            replies = [self._read_tagged(tag)[0].status for tag in tags]
+            if replies[-1] != b'OK':
+                raise BackendError('NOOP answered %s' % printable(replies[-1]))
+            if len(commands) == 1:
+                return
+            if commands[0] == b'UNSELECT':
+                # BAD "no mailbox selected" is fine when we did not know (selected None).
+                if replies[0] != b'OK' and not (replies[0] == b'BAD' and self.selected is None):
+                    raise BackendError('UNSELECT answered %s' % printable(replies[0]))
+            elif replies[0] == b'OK':
+                # The name exists after all; it was opened read-only, so CLOSE expunges
+                # nothing.
+                response, _ = self._command(b'CLOSE')
+                if response.status != b'OK':
+                    raise BackendError('CLOSE answered %s' % printable(response.status))
+            elif replies[0] != b'NO':
+                raise BackendError('EXAMINE answered %s' % printable(replies[0]))
+            self.selected = False
+
+    def logout(self, reason: str) -> None:
+        """Send LOGOUT, wait briefly for its reply, then close with `reason`. Never raises."""
+        try:
+            with gevent.Timeout(LOGOUT_TIMEOUT, BackendUnavailable('logout timeout')):
+                self._command(b'LOGOUT')
+        except (BackendError, OSError):
+            pass
+        self.close(reason)
+
+    def close(self, reason: str, quiet: bool = False) -> None:
+        """Close the socket; log `reason` unless `quiet`. Safe to call twice."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if not quiet:
+            log.info('backend closed: id=%s reason=%s age=%.1fs', self.id, reason,
+                     time.monotonic() - self.created)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    # -- raw I/O for the relay ---------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write all of `data`. Raises BackendUnavailable when the socket fails."""
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise BackendUnavailable('send failed: %s' % (exc.strerror or exc)) from None
+
+    def recv(self) -> bytes:
+        """Read what is there (b'' at EOF). Raises BackendUnavailable on a socket error."""
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except OSError as exc:
+            raise BackendUnavailable('receive failed: %s' % (exc.strerror or exc)) from None
+
+    # -- reading responses -------------------------------------------------------------
+
+    def _event(self):
+        while True:
+            try:
+                event = self.framer.next_event()
+            except ProtocolError as exc:
+                raise BackendDesync('framing error: %s' % exc) from None
+            if event is not None:
+                return event
+            data = self.recv()
+            if not data:
+                raise BackendUnavailable('server closed the connection')
+            self.framer.feed(data)
+
+    def _read_line(self) -> bytes:
+        event = self._event()
+        if not isinstance(event, Line) or event.literal is not None:
+            raise BackendDesync('expected a plain line')
+        return event.data
+
+    def _skip_literals(self, event: Line, budget: list) -> None:
+        """Read past the rest of a response whose first line is `event`, within `budget`."""
+        while isinstance(event, LiteralData) or event.literal is not None:
+            event = self._event()
+            budget[0] -= len(event.data)
+            if budget[0] < 0:
+                raise BackendError('too much unsolicited data')
+
+    def _read_tagged(self, tag: bytes, continuation: Optional[bytes] = None
+                     ) -> tuple[Response, list[bytes]]:
+        """Read to the tagged reply for `tag`, returning it and the untagged first lines.
+
+        Untagged data (with its literals) is read and dropped, up to MAX_DISCARD bytes.
+        A `+` continuation is answered with `continuation` once, when given.
+
+        Raises:
+            BackendDesync: a foreign tag, an unexpected continuation, or bad framing.
+            BackendUnavailable: EOF, a socket error, or BYE.
+        """
+        untagged: list[bytes] = []
+        budget = [MAX_DISCARD]
+        while True:
+            event = self._event()
+            if not isinstance(event, Line) or not event.first:
+                raise BackendDesync('response out of order')
+            budget[0] -= len(event.data)
+            try:
+                response = parse_response(event.data)
+            except ProtocolError as exc:
+                raise BackendDesync(str(exc)) from None
+            if response.kind == 'tagged':
+                if response.tag != tag:
+                    raise BackendDesync('reply to a tag the proxy did not send')
+                self._skip_literals(event, budget)
+                return response, untagged
+            if response.kind == 'continuation':
+                if continuation is None:
+                    raise BackendDesync('unexpected continuation request')
+                self.send(continuation)
+                continuation = None
+                continue
+            if response.status == b'BYE':
+                raise BackendUnavailable('server said BYE: %s' % printable(response.text))
+            if len(untagged) < 100:
+                untagged.append(event.data)
+            self._skip_literals(event, budget)
+
+    def _wait_continuation(self, tag: bytes) -> Optional[Response]:
+        """Wait for `+`; return None on it, or the tagged reply that refused the literal."""
+        while True:
+            line = self._read_line()
+            response = parse_response(line)
+            if response.kind == 'continuation':
+                return None
+            if response.kind == 'tagged':
+                if response.tag != tag:
+                    raise BackendDesync('reply to a tag the proxy did not send')
+                return response
+            if response.status == b'BYE':
+                raise BackendUnavailable('server said BYE')
+
+    @staticmethod
+    def _code_capabilities(response: Response) -> list[bytes]:
+        code = response.code or b''
+        if code[:11].upper() != b'CAPABILITY ':
+            return []
+        return code[11:].split()
+
+    @staticmethod
+    def _untagged_capabilities(lines: list[bytes]) -> list[bytes]:
+        for line in lines:
+            if line[:13].upper() == b'* CAPABILITY ':
+                return line[13:].split()
+        return []
+
+    def capability_set(self) -> set[bytes]:
+        """The capabilities, upper-cased for comparison (RFC 3501 section 7.2.1)."""
+        return {cap.upper() for cap in self.capabilities}
+
+    def client_capabilities(self) -> bytes:
+        """The post-login capability list as a client of the proxy may see it (R39)."""
+        return b' '.join(filter_capabilities(self.capabilities))

@@ -1,0 +1,188 @@
+"""Configuration: one table of keys, types, defaults and help; INI in, frozen ProxyConfig out.
+
+The file has one section, `[gimapproxy]`. Key names keep up-imapproxy's where one exists.
+Every error names the file, the key and what is wrong; an unknown key is an error, never
+ignored (up-imapproxy silently ignores unknown keys and reads garbage numbers as 0).
+"""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import ipaddress
+import logging
+from typing import Any, Callable, NamedTuple, Optional
+
+__all__ = ['ConfigError', 'ProxyConfig', 'KEYS', 'load_config', 'make_config', 'SECTION']
+
+SECTION = 'gimapproxy'
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names file, key and problem."""
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise ValueError('%r is not a whole number' % text) from None
+        if not low <= value <= high:
+            raise ValueError('%d is out of range (%d to %d)' % (value, low, high))
+        return value
+    parse.__doc__ = 'a whole number from %d to %d' % (low, high)
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError('%r is not a number of seconds' % text) from None
+        if not low <= value <= high or value != value:
+            raise ValueError('%s is out of range (%g to %g seconds)' % (text, low, high))
+        return value
+    return parse
+
+
+def _host(text: str) -> str:
+    if not text or any(c.isspace() for c in text):
+        raise ValueError('%r is not a host name or address' % text)
+    return text
+
+
+def _address(text: str) -> str:
+    if text in ('', '*'):
+        return ''
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError('%r is not an IP address (use 0.0.0.0, ::, or * for all)'
+                         % text) from None
+
+
+_LEVELS = ('debug', 'info', 'warning', 'error')
+
+
+def _level(text: str) -> str:
+    if text.lower() not in _LEVELS:
+        raise ValueError('%r is not one of %s' % (text, ', '.join(_LEVELS)))
+    return text.lower()
+
+
+class Key(NamedTuple):
+    name: str
+    parse: Callable[[str], Any]
+    default: Optional[str]          # None: required
+    help: str
+
+
+# The one table. etc/proxy.ini documents the same keys with the same defaults; a test
+# checks that they agree.
+KEYS = (
+    Key('listen_address', _address, '127.0.0.1',
+        'Address to accept clients on; * for all addresses.'),
+    Key('listen_port', _integer(0, 65535), '1143',
+        'Port to accept clients on (0: any free port, for tests).'),
+    Key('server_hostname', _host, None,
+        'Host name or address of the IMAP server.'),
+    Key('server_port', _integer(1, 65535), '143',
+        'Port of the IMAP server.'),
+    Key('cache_size', _integer(1, 1000000), '1000',
+        'Most backend connections, active plus cached. Keep it below the server\'s '
+        'process limit (Dovecot: service imap process_limit, 1024 by default).'),
+    Key('cache_expiration_time', _seconds(0, 86400), '300',
+        'Seconds a logged-out backend connection is kept for reuse. Keep it below the '
+        'server\'s autologout (Dovecot: 30 minutes).'),
+    Key('expiry_interval', _seconds(0.01, 3600), '60',
+        'Seconds between sweeps that close expired cached connections.'),
+    Key('connect_timeout', _seconds(0.01, 600), '10',
+        'Seconds to connect to the server and read its greeting.'),
+    Key('shutdown_timeout', _seconds(0, 3600), '10',
+        'Seconds that open sessions get to finish after SIGTERM or SIGINT.'),
+    Key('log_level', _level, 'info',
+        'One of debug, info, warning, error.'),
+)
+_BY_NAME = {key.name: key for key in KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig:
+    """Validated settings; attribute names are the INI key names.
+
+    Build one with `load_config(path)` or `make_config({...})`, which fill in defaults
+    from KEYS; the class itself has no defaults so that the table stays the one source.
+    """
+    listen_address: str
+    listen_port: int
+    server_hostname: str
+    server_port: int
+    cache_size: int
+    cache_expiration_time: float
+    expiry_interval: float
+    connect_timeout: float
+    shutdown_timeout: float
+    log_level: str
+    source: str = '<dict>'
+
+    @property
+    def log_level_number(self) -> int:
+        """The log level as a `logging` constant."""
+        return getattr(logging, self.log_level.upper())
+
+
+def make_config(values: dict[str, str], source: str = '<dict>') -> ProxyConfig:
+    """Validate `values` (key name to text, as in the INI file) into a ProxyConfig.
+
+    Raises:
+        ConfigError: an unknown key, a missing required key or a bad value, naming both.
+    """
+    parsed: dict[str, Any] = {}
+    for name, text in values.items():
+        key = _BY_NAME.get(name)
+        if key is None:
+            raise ConfigError('%s: [%s] %s: unknown key (known keys: %s)'
+                              % (source, SECTION, name, ', '.join(sorted(_BY_NAME))))
+        try:
+            parsed[name] = key.parse(str(text).strip())
+        except ValueError as exc:
+            raise ConfigError('%s: [%s] %s: %s' % (source, SECTION, name, exc)) from None
+    for key in KEYS:
+        if key.name not in parsed:
+            if key.default is None:
+                raise ConfigError('%s: [%s] %s: required key is missing (%s)'
+                                  % (source, SECTION, key.name, key.help))
+            parsed[key.name] = key.parse(key.default)
+    return ProxyConfig(source=source, **parsed)
+
+
+def load_config(path: str) -> ProxyConfig:
+    """Read and validate an INI file.
+
+    Raises:
+        ConfigError: unreadable file, syntax error, missing section, unknown key or bad
+            value; the message names the file and, where there is one, the key.
+    """
+    parser = configparser.ConfigParser(interpolation=None, strict=True,
+                                       inline_comment_prefixes=None)
+    parser.optionxform = str        # key names are case-sensitive, as documented
+    try:
+        with open(path, encoding='utf-8') as handle:
+            parser.read_file(handle, source=path)
+    except OSError as exc:
+        raise ConfigError('%s: cannot read: %s' % (path, exc.strerror or exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError('%s: not valid UTF-8 text' % path) from None
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError('%s: [%s] %s: given twice (line %s)'
+                          % (path, exc.section, exc.option, exc.lineno)) from None
+    except configparser.Error as exc:
+        raise ConfigError('%s: %s' % (path, str(exc).replace('\n', ' '))) from None
+    extra = [name for name in parser.sections() if name != SECTION]
+    if extra:
+        raise ConfigError('%s: [%s]: unknown section (only [%s] is read)'
+                          % (path, extra[0], SECTION))
+    if not parser.has_section(SECTION):
+        raise ConfigError('%s: [%s]: section is missing' % (path, SECTION))
+    return make_config(dict(parser.items(SECTION)), source=path)

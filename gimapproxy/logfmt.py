@@ -1,0 +1,16 @@
+"""Text from peers made safe for one log line."""
+from __future__ import annotations
+
+__all__ = ['printable']
+
+
+def printable(value: bytes | str | None, limit: int = 200) -> str:
+    """Return `value` as one printable log token: non-printing characters and spaces
+    escaped, cut to `limit` characters. Never pass a password here."""
+    if value is None:
+        return '-'
+    if isinstance(value, bytes):
+        value = value.decode('utf-8', 'backslashreplace')
+    out = ''.join(c if c.isprintable() and c != ' ' else '\\x%02x' % ord(c)
+                  for c in value[:limit])
+    return out + ('...' if len(value) > limit else '') if out else '""'

@@ -1,0 +1,462 @@
+"""Pure IMAP framing and parsing: bytes in, values out. No sockets, clocks or logging.
+
+The proxy needs three things from the wire format (RFC 3501 section 4, RFC 7888, RFC 3516):
+
+* cut a byte stream into lines and literal payloads, in either direction, so that a literal
+  is passed on by count and never scanned for tags or commands (`Framer`);
+* read the head of a client command (tag and name) and, before login, its whole argument
+  list (`parse_command`);
+* classify server responses (untagged, continuation, tagged with status and code) and edit
+  capability lists (`parse_response`, `filter_capabilities`, `rewrite_capabilities`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+__all__ = [
+    'ProtocolError', 'LineTooLong', 'BadLiteral', 'BadCommand',
+    'Line', 'LiteralData', 'Framer', 'literal_of',
+    'Command', 'parse_command', 'command_head', 'tag_of',
+    'Response', 'parse_response',
+    'quote', 'astring', 'filter_capabilities', 'rewrite_capabilities',
+    'MAX_LITERAL',
+]
+
+# RFC 3501 section 9: number = unsigned 32-bit integer.
+MAX_LITERAL = 0xFFFFFFFF
+
+# A line ends in a literal announcement: `{n}`, `{n+}` (RFC 7888), `~{n}` (RFC 3516).
+_LITERAL_RE = re.compile(rb'(~?)\{(\d{1,10})(\+?)\}\r?\n\Z')
+
+
+class ProtocolError(Exception):
+    """The peer broke the IMAP syntax in a way that ends the stream."""
+
+
+class LineTooLong(ProtocolError):
+    """A line grew past the framer's limit before its end was seen."""
+
+
+class BadLiteral(ProtocolError):
+    """A literal announcement is out of range."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of the stream, CRLF included.
+
+    `first` is True when the line starts a new command or response (the previous line did
+    not announce a literal). `literal` is the size of the literal the line announces, or
+    None; `sync` tells whether that literal is synchronizing (`{n}`, the sender waits for
+    a `+` continuation before sending it).
+    """
+    data: bytes
+    first: bool
+    literal: Optional[int] = None
+    sync: bool = False
+
+
+@dataclass(frozen=True)
+class LiteralData:
+    """A piece of a literal payload; `last` is True on the piece that completes it."""
+    data: bytes
+    last: bool
+
+
+def literal_of(line: bytes) -> Optional[tuple[int, bool]]:
+    """Return (size, synchronizing) of the literal that `line` announces, or None.
+
+    Raises:
+        BadLiteral: the size does not fit an IMAP number.
+    """
+    if not line.endswith(b'}\r\n') and not line.endswith(b'}\n'):
+        return None
+    match = _LITERAL_RE.search(line)
+    if match is None:
+        return None
+    size = int(match.group(2))
+    if size > MAX_LITERAL:
+        raise BadLiteral('literal size %d out of range' % size)
+    return size, not match.group(3)
+
+
+class Framer:
+    """Cuts an IMAP byte stream into `Line` and `LiteralData` events (RFC 3501 section 4.3).
+
+    Feed bytes with `feed()`, then call `next_event()` until it returns None (more bytes
+    needed). A line is returned only when complete; literal payloads are returned in the
+    pieces they arrived in, never scanned. Lines end in CRLF; a bare LF is accepted as a
+    line end, as Dovecot does.
+
+    The buffered, incomplete line is capped at `max_line` bytes (LineTooLong). The cap can
+    be changed between calls (for example when a session logs in).
+    """
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._pos = 0
+        self._literal_left = 0
+        self._first = True
+        # Set when the last line announced a literal that has not started yet.
+        self.pending_literal: Optional[int] = None
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as events."""
+        return len(self._buf) - self._pos
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when every event returned so far ended a whole command or response."""
+        return self._first and not self._literal_left
+
+    @property
+    def in_literal(self) -> bool:
+        """True while literal bytes are still owed."""
+        return self._literal_left > 0
+
+    def cancel_literal(self) -> None:
+        """Forget an announced literal the peer will not send.
+
+        A synchronizing literal that the other side refused (a tagged NO or BAD instead of
+        `+`) is never sent (RFC 3501 section 7.5); the command ends there.
+        """
+        self._literal_left = 0
+        self.pending_literal = None
+        self._first = True
+
+    def take_buffer(self) -> bytes:
+        """Remove and return every buffered byte (used when the stream changes hands)."""
+        data = bytes(self._buf[self._pos:])
+        self._buf = bytearray()
+        self._pos = 0
+        return data
+
+    def next_event(self) -> Union[Line, LiteralData, None]:
+        """Return the next complete event, or None when more bytes are needed.
+
+        Raises:
+            LineTooLong: the current line passed `max_line` without an end.
+            BadLiteral: a literal announcement out of range.
+        """
+        buf, pos = self._buf, self._pos
+        if self._literal_left:
+            avail = len(buf) - pos
+            if not avail:
+                return None
+            size = min(avail, self._literal_left)
+            self._pos = pos + size
+            self._literal_left -= size
+            self.pending_literal = None
+            return LiteralData(bytes(buf[pos:pos + size]), self._literal_left == 0)
+        end = buf.find(b'\n', pos)
+        if end < 0:
+            if len(buf) - pos > self.max_line:
+                raise LineTooLong('line longer than %d bytes' % self.max_line)
+            return None
+        if end + 1 - pos > self.max_line:
+            raise LineTooLong('line longer than %d bytes' % self.max_line)
+        data = bytes(buf[pos:end + 1])
+        self._pos = end + 1
+        first = self._first
+        announced = literal_of(data)
+        if announced is None:
+            self._first = True
+            return Line(data, first)
+        size, sync = announced
+        self._first = False
+        self._literal_left = size
+        self.pending_literal = size if size else None
+        if not size:
+            # An empty literal carries no bytes; the command goes on on the next line.
+            return Line(data, first, 0, sync)
+        return Line(data, first, size, sync)
+
+
+# ---------------------------------------------------------------------------------------
+# Client commands
+
+# RFC 3501 section 9: tag = 1*<any ASTRING-CHAR except "+">; atoms exclude these.
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]\r\n') | frozenset(range(0, 32)) | {127}
+_TAG_RE = re.compile(rb'([^\x00-\x20(){%*"\\+\x7f]+) ')
+_NAME_RE = re.compile(rb'([A-Za-z0-9-]+)(?=[ \r\n]|\Z)')
+
+
+class BadCommand(Exception):
+    """The client sent a malformed command; answer `<tag> BAD <message>`.
+
+    `tag` is the command's tag when one was readable, else None (answer `* BAD`).
+    """
+
+    def __init__(self, tag: Optional[bytes], message: str) -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Command:
+    """A complete client command: tag, upper-case name and parsed arguments.
+
+    Arguments are bytes (atoms, quoted strings and literals, decoded), None (NIL) or lists
+    (parenthesized lists).
+    """
+    tag: bytes
+    name: bytes
+    args: list = field(default_factory=list)
+
+
+def tag_of(line: bytes) -> Optional[bytes]:
+    """Return the tag at the start of a command line, or None when there is no valid one."""
+    match = _TAG_RE.match(line)
+    return match.group(1) if match else None
+
+
+def command_head(line: bytes) -> tuple[Optional[bytes], Optional[bytes]]:
+    """Return (tag, upper-case command name) of a command's first line.
+
+    Either part is None when it is missing or malformed. `UID FETCH` gives `UID`; callers
+    that care read further themselves.
+    """
+    match = _TAG_RE.match(line)
+    if not match:
+        return None, None
+    name = _NAME_RE.match(line, match.end())
+    return match.group(1), (name.group(1).upper() if name else None)
+
+
+class _Parser:
+    """Recursive-descent reader of command arguments over one complete command's bytes."""
+
+    def __init__(self, data: bytes, tag: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.tag = tag
+
+    def fail(self, message: str) -> BadCommand:
+        return BadCommand(self.tag, message)
+
+    def at_end(self) -> bool:
+        return self.data[self.pos:] in (b'\r\n', b'\n')
+
+    def expect_space(self) -> None:
+        if self.data[self.pos:self.pos + 1] != b' ':
+            raise self.fail('Missing space between arguments')
+        self.pos += 1
+
+    def value(self):
+        data, pos = self.data, self.pos
+        char = data[pos:pos + 1]
+        if char == b'"':
+            return self.quoted()
+        if char in (b'{', b'~'):
+            return self.literal()
+        if char == b'(':
+            return self.list()
+        end = pos
+        while end < len(data) and data[end] not in _ATOM_SPECIALS:
+            end += 1
+        if end == pos:
+            raise self.fail('Invalid argument')
+        self.pos = end
+        atom = data[pos:end]
+        return None if atom.upper() == b'NIL' else atom
+
+    def quoted(self) -> bytes:
+        # RFC 3501 section 4.3: only \" and \\ may be escaped; 8-bit octets are tolerated
+        # as Dovecot does (R7).
+        data, pos = self.data, self.pos + 1
+        out = bytearray()
+        while pos < len(data):
+            char = data[pos]
+            if char == 0x22:
+                self.pos = pos + 1
+                return bytes(out)
+            if char == 0x5C:
+                pos += 1
+                if pos >= len(data) or data[pos] not in (0x22, 0x5C):
+                    raise self.fail('Invalid escape in quoted string')
+            elif char in (0x0D, 0x0A, 0x00):
+                raise self.fail('Invalid character in quoted string')
+            out.append(data[pos])
+            pos += 1
+        raise self.fail('Unterminated quoted string')
+
+    def literal(self) -> bytes:
+        match = re.compile(rb'~?\{(\d{1,10})\+?\}\r?\n').match(self.data, self.pos)
+        if not match:
+            raise self.fail('Invalid literal')
+        start = match.end()
+        end = start + int(match.group(1))
+        if end > len(self.data):
+            raise self.fail('Literal shorter than announced')
+        self.pos = end
+        return self.data[start:end]
+
+    def list(self) -> list:
+        self.pos += 1
+        items = []
+        while self.data[self.pos:self.pos + 1] != b')':
+            if items:
+                self.expect_space()
+            if self.pos >= len(self.data) or self.at_end():
+                raise self.fail('Unterminated list')
+            items.append(self.value())
+        self.pos += 1
+        return items
+
+
+def parse_command(data: bytes) -> Command:
+    """Parse one complete command: its lines and literal payloads exactly as received.
+
+    Returns:
+        The Command with all its arguments.
+    Raises:
+        BadCommand: malformed; carries the tag when one was readable.
+    """
+    tag, name = command_head(data)
+    if tag is None:
+        raise BadCommand(None, 'Invalid tag')
+    if name is None:
+        raise BadCommand(tag, 'Missing or invalid command name')
+    parser = _Parser(data, tag)
+    parser.pos = len(tag) + 1 + len(name)
+    args = []
+    while not parser.at_end():
+        if parser.pos >= len(data):
+            raise BadCommand(tag, 'Missing line end')
+        parser.expect_space()
+        args.append(parser.value())
+    return Command(tag, name, args)
+
+
+# ---------------------------------------------------------------------------------------
+# Server responses
+
+_STATUS = frozenset((b'OK', b'NO', b'BAD', b'BYE', b'PREAUTH'))
+_CODE_RE = re.compile(rb'\[([^\]\r\n]*)\]')
+
+
+@dataclass(frozen=True)
+class Response:
+    """The head of a server response line.
+
+    `kind` is 'untagged', 'continuation' or 'tagged'. For status responses (OK, NO, BAD,
+    BYE, PREAUTH) `status` is set, `code` holds the bracketed response code without its
+    brackets (or None) and `text` the human text. For other untagged data `status` is None
+    and `name` is the upper-case keyword (CAPABILITY, EXISTS, FETCH, ...).
+    """
+    kind: str
+    tag: Optional[bytes] = None
+    status: Optional[bytes] = None
+    code: Optional[bytes] = None
+    text: bytes = b''
+    name: Optional[bytes] = None
+
+
+def parse_response(line: bytes) -> Response:
+    """Classify the first line of a server response.
+
+    Raises:
+        ProtocolError: the line is not a response at all (no tag, or a tagged line
+            without a status).
+    """
+    body = line.rstrip(b'\r\n')
+    if body[:1] == b'+':
+        return Response('continuation', text=body[2:])
+    tag, sep, rest = body.partition(b' ')
+    if not sep or not tag:
+        raise ProtocolError('malformed response line')
+    word, _, after = rest.partition(b' ')
+    upper = word.upper()
+    kind = 'untagged' if tag == b'*' else 'tagged'
+    if upper in _STATUS:
+        code = None
+        if after[:1] == b'[':
+            match = _CODE_RE.match(after)
+            if match:
+                code = match.group(1)
+                after = after[match.end():].lstrip(b' ')
+        return Response(kind, None if kind == 'untagged' else tag, upper, code, after)
+    if kind == 'tagged':
+        raise ProtocolError('tagged response without status')
+    if word.isdigit():
+        # `* 23 EXISTS`, `* 5 FETCH (...)`
+        return Response(kind, name=after.partition(b' ')[0].upper())
+    return Response(kind, name=upper)
+
+
+# Capabilities the proxy must never pass on: it cannot splice compression or security
+# layers into a cached connection (RFC 4978 section 3, R34), it handles authentication
+# itself (R38, R40), and a reused connection cannot be logged out of or referred.
+_DROP_EXACT = frozenset((b'STARTTLS', b'SASL-IR', b'LOGINDISABLED', b'LOGIN-REFERRALS',
+                         b'UNAUTHENTICATE'))
+_DROP_PREFIX = (b'AUTH=', b'COMPRESS=')
+
+
+def filter_capabilities(caps: list[bytes]) -> list[bytes]:
+    """Return `caps` without the ones a client of the proxy must not see (R39, R40)."""
+    return [cap for cap in caps
+            if cap.upper() not in _DROP_EXACT and not cap.upper().startswith(_DROP_PREFIX)]
+
+
+_CAP_CODE_RE = re.compile(rb'\[CAPABILITY ([^\]\r\n]*)\]', re.IGNORECASE)
+_CAP_LINE_RE = re.compile(rb'(\* CAPABILITY )([^\r\n]*)', re.IGNORECASE)
+
+
+def rewrite_capabilities(line: bytes) -> bytes:
+    """Filter the capability list inside an untagged CAPABILITY line or a [CAPABILITY] code.
+
+    Returns the line unchanged when it carries no capability list.
+    """
+    def keep(caps: bytes) -> bytes:
+        return b' '.join(filter_capabilities(caps.split()))
+
+    if line[:13].upper() == b'* CAPABILITY ':
+        return _CAP_LINE_RE.sub(lambda m: m.group(1) + keep(m.group(2)), line, count=1)
+    if b'[' in line and b'CAPABILITY' in line.upper():
+        return _CAP_CODE_RE.sub(lambda m: b'[CAPABILITY ' + keep(m.group(1)) + b']', line,
+                                count=1)
+    return line
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+
+_QUOTABLE_RE = re.compile(rb'[^\x00\r\n\x80-\xff]*\Z')
+
+
+def quote(value: bytes) -> bytes:
+    """Return `value` as an IMAP quoted string (RFC 3501 section 4.3).
+
+    Raises:
+        ValueError: the value holds CR, LF, NUL or 8-bit octets and needs a literal.
+    """
+    if not _QUOTABLE_RE.match(value):
+        raise ValueError('value needs a literal')
+    return b'"' + value.replace(b'\\', b'\\\\').replace(b'"', b'\\"') + b'"'
+
+
+def astring(value: bytes, non_sync: bool) -> tuple[bytes, Optional[bytes]]:
+    """Encode `value` for a command line: quoted when possible, else as a literal.
+
+    Returns:
+        (text for the line, literal payload or None). When a payload is returned the text
+        is the announcement `{n}` (or `{n+}` when `non_sync`) and the payload must follow
+        the CRLF that ends the line part.
+    """
+    try:
+        return quote(value), None
+    except ValueError:
+        marker = b'{%d+}' % len(value) if non_sync else b'{%d}' % len(value)
+        return marker, value

@@ -1,0 +1,110 @@
+"""ProxyServer: owns the listener, the session pool, the cache and the expiry greenlet.
+
+`start()` returns at once and `stop(timeout)` drains, so the proxy can run inside any
+gevent process: this is the embedding API. Nothing here patches, exits or handles
+signals; `gimapproxy.cli` does that for the command-line daemon.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from typing import Optional
+
+import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from .cache import ConnectionCache
+from .config import ProxyConfig
+from .session import ClientSession
+
+__all__ = ['ProxyServer']
+
+log = logging.getLogger('gimapproxy.server')
+
+# The original listens with a backlog of 5, so a burst of webmail requests gets refused
+# or stalls in SYN retries; the kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
+class ProxyServer(StreamServer):
+    """The caching IMAP proxy as a gevent StreamServer.
+
+    Args:
+        config: the settings; `listen_address` and `listen_port` are used unless
+            `listener` (an address tuple or a bound socket) is given.
+    """
+
+    def __init__(self, config: ProxyConfig, listener=None) -> None:
+        self.config = config
+        self.cache = ConnectionCache(config.cache_size, config.cache_expiration_time)
+        self.cache.on_dead = self._cached_connection_died
+        self.counters: collections.Counter = collections.Counter()
+        self._ids = itertools.count(1)
+        self._expiry: Optional[gevent.Greenlet] = None
+        if listener is None:
+            listener = (config.listen_address or '0.0.0.0', config.listen_port)
+        super().__init__(listener, spawn=Pool(), backlog=LISTEN_BACKLOG)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind (if not yet bound), start accepting and start the expiry loop. Returns at
+        once. Raises OSError when the address cannot be bound."""
+        super().start()
+        self._expiry = gevent.spawn(self._run_expiry)
+        log.info('listening: address=%s:%d server=%s:%d cache_size=%d',
+                 self.address[0], self.address[1], self.config.server_hostname,
+                 self.config.server_port, self.config.cache_size)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting, give open sessions up to `timeout` seconds (default
+        `shutdown_timeout`) to end, then end the rest and log out every cached backend
+        connection."""
+        if timeout is None:
+            timeout = self.config.shutdown_timeout
+        log.info('stopping: sessions=%d timeout=%gs', len(self.pool), timeout)
+        super().stop(timeout)
+        if self._expiry is not None:
+            self._expiry.kill()
+            self._expiry = None
+        entries = self.cache.drain()
+        gevent.joinall([gevent.spawn(entry.conn.logout, 'shutdown') for entry in entries])
+        log.info('stopped: cached connections logged out=%d', len(entries))
+
+    def handle(self, sock, address) -> None:
+        """Run one client's session (called by StreamServer in a pool greenlet)."""
+        self.counters['clients'] += 1
+        ClientSession(self, sock, address).run()
+
+    # -- expiry ---------------------------------------------------------------------------
+
+    def _run_expiry(self) -> None:
+        while True:
+            gevent.sleep(self.config.expiry_interval)
+            self.expire_once()
+
+    def expire_once(self, now: Optional[float] = None) -> int:
+        """Log out every cached connection idle for `cache_expiration_time`; return how
+        many. The logouts run in their own greenlets so that a stuck server cannot hold
+        up the sweep."""
+        entries = self.cache.expire_idle(now)
+        for entry in entries:
+            self.counters['expired'] += 1
+            gevent.spawn(entry.conn.logout, 'expired: idle for %ds'
+                         % self.config.cache_expiration_time)
+        return len(entries)
+
+    def _cached_connection_died(self, entry) -> None:
+        self.counters['cached_died'] += 1
+        entry.conn.close('server closed cached connection')
+
+    # -- small services for sessions ------------------------------------------------------
+
+    def next_id(self) -> str:
+        """A new client connection id, 'c<n>'."""
+        return 'c%d' % next(self._ids)
+
+    def count(self, name: str) -> None:
+        self.counters[name] += 1
