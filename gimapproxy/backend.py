@@ -15,7 +15,7 @@ import time
 from typing import Optional
 
 import gevent
-from gevent import socket
+from gevent import select, socket
 
 from .logfmt import printable
 from .protocol import (Framer, Line, LiteralData, ProtocolError, Response, astring,
@@ -26,17 +26,15 @@ __all__ = ['BackendConnection', 'BackendError', 'BackendUnavailable', 'BackendDe
 
 log = logging.getLogger('gimapproxy.backend')
 
-# Server lines can be long after login (Dovecot's own limit is 64 KiB for client input;
-# its output lines such as a LIST or SEARCH result stay below this).
-MAX_SERVER_LINE = 1024 * 1024
+# Server lines can be long: a SEARCH result over a million messages is several MB on one
+# line. The relay holds at most one such line per session.
+MAX_SERVER_LINE = 16 * 1024 * 1024
 # Untagged data the proxy reads and drops while it runs its own command.
 MAX_DISCARD = 4 * 1024 * 1024
 RECV_SIZE = 65536
 LOGIN_TIMEOUT = 30.0        # Dovecot delays failed logins by up to 15 s (auth penalty)
 RESET_TIMEOUT = 10.0
 LOGOUT_TIMEOUT = 2.0
-
-_ids = itertools.count(1)
 
 
 class BackendError(Exception):
@@ -82,8 +80,8 @@ class BackendConnection:
             a response half-read by one is finished by the other.
     """
 
-    def __init__(self, sock: socket.socket, address: tuple) -> None:
-        self.id = 'b%d' % next(_ids)
+    def __init__(self, sock: socket.socket, address: tuple, conn_id: str) -> None:
+        self.id = conn_id
         self.sock = sock
         self.address = address
         self.framer = Framer(MAX_SERVER_LINE)
@@ -100,8 +98,10 @@ class BackendConnection:
     # -- connecting and logging in ------------------------------------------------------
 
     @classmethod
-    def connect(cls, host: str, port: int, timeout: float) -> 'BackendConnection':
-        """Connect and read the greeting, within `timeout` seconds in all.
+    def connect(cls, host: str, port: int, timeout: float,
+                conn_id: str) -> 'BackendConnection':
+        """Connect and read the greeting, within `timeout` seconds in all; `conn_id` names
+        the connection in the log.
 
         Raises:
             BackendUnavailable: refused, unreachable, timed out, BYE or PREAUTH greeting.
@@ -112,7 +112,7 @@ class BackendConnection:
             except OSError as exc:
                 raise BackendUnavailable('connect to %s:%d failed: %s'
                                          % (host, port, exc.strerror or exc)) from None
-            conn = cls(sock, (host, port))
+            conn = cls(sock, (host, port), conn_id)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn._read_greeting()
@@ -292,6 +292,15 @@ class BackendConnection:
     @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
+
+    def has_input(self) -> bool:
+        """True when the server sent something that nobody has read yet (R30)."""
+        if self.framer.buffered:
+            return True
+        try:
+            return bool(select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     # -- raw I/O for the relay ---------------------------------------------------------
 

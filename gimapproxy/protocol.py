@@ -98,6 +98,7 @@ class Framer:
         self.max_line = max_line
         self._buf = bytearray()
         self._pos = 0
+        self._scanned = 0       # bytes after _pos already searched for a line end
         self._literal_left = 0
         self._first = True
         # Set when the last line announced a literal that has not started yet.
@@ -135,13 +136,6 @@ class Framer:
         self.pending_literal = None
         self._first = True
 
-    def take_buffer(self) -> bytes:
-        """Remove and return every buffered byte (used when the stream changes hands)."""
-        data = bytes(self._buf[self._pos:])
-        self._buf = bytearray()
-        self._pos = 0
-        return data
-
     def next_event(self) -> Union[Line, LiteralData, None]:
         """Return the next complete event, or None when more bytes are needed.
 
@@ -159,15 +153,18 @@ class Framer:
             self._literal_left -= size
             self.pending_literal = None
             return LiteralData(bytes(buf[pos:pos + size]), self._literal_left == 0)
-        end = buf.find(b'\n', pos)
+        # A long line arrives in many pieces: search only the bytes not searched yet.
+        end = buf.find(b'\n', pos + self._scanned)
         if end < 0:
-            if len(buf) - pos > self.max_line:
+            self._scanned = len(buf) - pos
+            if self._scanned > self.max_line:
                 raise LineTooLong('line longer than %d bytes' % self.max_line)
             return None
         if end + 1 - pos > self.max_line:
             raise LineTooLong('line longer than %d bytes' % self.max_line)
         data = bytes(buf[pos:end + 1])
         self._pos = end + 1
+        self._scanned = 0
         first = self._first
         announced = literal_of(data)
         if announced is None:

@@ -102,9 +102,10 @@ class ProxyServer(StreamServer):
 
     # -- small services for sessions ------------------------------------------------------
 
-    def next_id(self) -> str:
-        """A new client connection id, 'c<n>'."""
-        return 'c%d' % next(self._ids)
+    def next_id(self, prefix: str) -> str:
+        """A new connection id unique in this server: 'c<n>' for clients, 'b<n>' for
+        backend connections."""
+        return '%s%d' % (prefix, next(self._ids))
 
     def count(self, name: str) -> None:
         self.counters[name] += 1

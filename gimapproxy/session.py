@@ -33,7 +33,7 @@ __all__ = ['ClientSession', 'PRELOGIN_CAPABILITIES']
 log = logging.getLogger('gimapproxy.session')
 
 # R38: the proxy's own pre-login list. LITERAL+ only (never with LITERAL-, RFC 7888 §5).
-PRELOGIN_CAPABILITIES = b'IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE AUTH=PLAIN AUTH=LOGIN'
+PRELOGIN_CAPABILITIES = b'IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN AUTH=LOGIN'
 
 # Limits before login (R46), as Dovecot's imap-login applies them.
 PRELOGIN_MAX_LINE = 8192
@@ -81,7 +81,7 @@ class ClientSession:
         self.server = server
         self.config = server.config
         self.cache = server.cache
-        self.id = server.next_id()
+        self.id = server.next_id('c')
         self.sock = sock
         self.peer = '%s:%s' % (address[0], address[1]) if address else '-'
         self.framer = Framer(PRELOGIN_MAX_LINE)
@@ -303,6 +303,12 @@ class ClientSession:
         verifier = self.cache.verifier(password)
         started = time.monotonic()
         entry = self.cache.checkout(key, verifier)
+        while entry is not None and entry.conn.has_input():
+            # Not one stale byte may reach the new client (R30): the server spoke while the
+            # connection sat in the cache (a BYE, most likely) and the watcher has not run.
+            self.cache.discard(entry)
+            entry.conn.close('server spoke while cached')
+            entry = self.cache.checkout(key, verifier)
         result = 'reused'
         if entry is None:
             entry = self.open_backend(tag, key, verifier, authzid, user, password)
@@ -335,7 +341,8 @@ class ClientSession:
         try:
             conn = BackendConnection.connect(self.config.server_hostname,
                                              self.config.server_port,
-                                             self.config.connect_timeout)
+                                             self.config.connect_timeout,
+                                             self.server.next_id('b'))
             conn.login(authzid, user, password)
         except LoginRefused as refused:
             self.cache.unreserve()
@@ -568,6 +575,9 @@ class ClientSession:
             conn.reset()
         except BackendError as exc:
             self.drop_backend('reset failed: %s' % exc.reason)
+            return
+        if conn.framer.buffered:
+            self.drop_backend('unsolicited data after reset')
             return
         self.entry = None
         self.cache.release(entry)
