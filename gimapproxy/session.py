@@ -2,31 +2,27 @@
 
 A ClientSession runs in the greenlet the server spawned for the client. Before login it
 answers the client itself (R6). LOGIN or AUTHENTICATE takes a cached backend connection
-when the same user logs in with the same password, or opens a new one. After login it
-relays both ways: this greenlet frames the client's commands and forwards them, a second
-greenlet (the pump) streams the server's responses back. LOGOUT is answered by the proxy
-once every earlier command has its reply; the backend connection is then reset and cached.
+when the same user logs in with the same password, or opens a new one. After login a
+Relay (gimapproxy.relay) carries the session until LOGOUT; the backend connection is then
+reset and cached when it is known to be clean, and closed otherwise.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import logging
-import re
 import time
 from typing import Optional
 
 import gevent
 from gevent import socket
-from gevent.event import Event
-from gevent.lock import Semaphore
 
-from .backend import (BackendConnection, BackendDesync, BackendError, LoginRefused)
+from .backend import BackendConnection, BackendError, LoginRefused
 from .cache import CacheFull, Entry
 from .logfmt import printable
-from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError,
-                       command_head, parse_command, parse_response, rewrite_capabilities,
+from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError, parse_command,
                        tag_of)
+from .relay import BackendLost, Relay
 
 __all__ = ['ClientSession', 'PRELOGIN_CAPABILITIES']
 
@@ -41,22 +37,9 @@ PRELOGIN_MAX_LITERAL = 8192
 PRELOGIN_MAX_COMMAND = 3 * 8192
 PRELOGIN_TIMEOUT = 60.0
 MAX_BAD_COMMANDS = 3
-# After login: Dovecot's imap_max_line_length is 64 KiB; leave room above it.
-MAX_COMMAND_LINE = 128 * 1024
-IDLE_TIMEOUT = 30 * 60.0      # silence on both sides, as the original's hard-coded limit
-LOGOUT_WAIT = 60.0            # for replies to commands pipelined before LOGOUT
 WRITE_TIMEOUT = 60.0
 RECV_SIZE = 65536
 
-# Commands that leave state on the server connection that the next session must not
-# inherit (R14, R31): the connection is not cached after any of them.
-_STICKY_COMMANDS = frozenset((b'ENABLE', b'NOTIFY', b'LANGUAGE', b'COMPARATOR',
-                              b'LOGIN', b'AUTHENTICATE', b'PROXYAUTH', b'UNAUTHENTICATE',
-                              b'STARTTLS', b'COMPRESS'))
-# RFC 7162 section 3.1: these turn CONDSTORE on implicitly.
-_IMPLICIT_CONDSTORE = re.compile(rb'CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE', re.IGNORECASE)
-_SELECTING = frozenset((b'SELECT', b'EXAMINE'))
-_DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
 # Sending these texts would tell the client about the backend's reasons; the proxy
 # relays only the status and response code (R12).
 _REFUSAL_TEXT = {b'NO': b'Authentication failed.', b'BAD': b'Authentication failed.'}
@@ -68,10 +51,6 @@ class SessionEnd(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class _BackendLost(Exception):
-    """Thrown into the session greenlet by the pump when the server side ends."""
 
 
 class ClientSession:
@@ -88,17 +67,6 @@ class ClientSession:
         self.bad_commands = 0
         self.user: Optional[bytes] = None
         self.entry: Optional[Entry] = None
-        # Relay state, shared between this greenlet and the pump.
-        self.inflight: dict[bytes, bytes] = {}   # client tag -> command name
-        self.quiet = Event()                      # set while nothing is in flight
-        self.quiet.set()
-        self.sticky: Optional[str] = None        # why the backend cannot be cached
-        self.continuation_tag: Optional[bytes] = None   # IDLE/AUTHENTICATE owning lines
-        self.literal_tag: Optional[bytes] = None  # command waiting for "+" to send a literal
-        self.client_lock = Semaphore()
-        self.pump: Optional[gevent.Greenlet] = None
-        self.pump_error: Optional[str] = None
-        self.last_activity = time.monotonic()
 
     # -- the story -----------------------------------------------------------------------
 
@@ -110,11 +78,11 @@ class ClientSession:
             log.info('client connected: id=%s peer=%s', self.id, self.peer)
             self.send(b'* OK [CAPABILITY ' + PRELOGIN_CAPABILITIES + b'] gimapproxy ready.\r\n')
             if self.authenticate():
-                reason = self.relay()
+                reason = Relay(self).run()
         except SessionEnd as end:
             reason = end.reason
-        except _BackendLost:
-            reason = 'backend ended: %s' % self.pump_error
+        except BackendLost:
+            reason = 'backend ended'
         except gevent.GreenletExit:
             reason = 'server shutdown'
             self.send_quietly(b'* BYE Server shutting down.\r\n')
@@ -124,7 +92,6 @@ class ClientSession:
             log.exception('session failed: id=%s', self.id)
             self.send_quietly(b'* BYE Internal error.\r\n')
         finally:
-            self.stop_pump()
             if self.entry is not None:
                 self.drop_backend(reason)
             self.close_client()
@@ -373,201 +340,12 @@ class ClientSession:
             raise
         return self.cache.add(key, verifier, conn)
 
-    # -- after login: the relay ------------------------------------------------------------
+    # -- the backend connection's fate --------------------------------------------------------
 
-    def relay(self) -> str:
-        """Relay until LOGOUT or either side leaves; return the reason the session ended."""
-        conn = self.entry.conn
-        self.framer.max_line = MAX_COMMAND_LINE
-        self.pump = gevent.spawn(self.pump_server, gevent.getcurrent())
-        try:
-            reason = self.pump_client(conn)
-            if self.entry is not None:
-                # The client left without LOGOUT: keep the backend only if it is clean
-                # (R24).
-                self.stop_pump()
-                self.keep_backend(reason)
-            return reason
-        except _BackendLost:
-            return 'backend ended: %s' % self.pump_error
-        except BackendError as exc:
-            return 'backend ended: %s' % exc.reason
-
-    def pump_client(self, conn: BackendConnection) -> str:
-        """Forward client commands to the server until LOGOUT or EOF."""
-        framer = self.framer
-        current: Optional[bytes] = None    # tag of the command being read
-        while True:
-            out = []
-            while True:
-                try:
-                    event = framer.next_event()
-                except ProtocolError as exc:
-                    self.flush_to(conn, out)
-                    self.send_local(b'* BYE Command line too long.\r\n')
-                    self.sticky = self.sticky or 'oversized command'
-                    return 'client protocol error: %s' % exc
-                if event is None:
-                    break
-                if isinstance(event, LiteralData):
-                    out.append(event.data)
-                    continue
-                if event.first:
-                    if self.continuation_tag is not None:
-                        # Lines that answer a continuation (IDLE's DONE, SASL data) belong
-                        # to the command in progress; they are not commands.
-                        if self.inflight.get(self.continuation_tag) == b'IDLE':
-                            self.continuation_tag = None
-                        out.append(event.data)
-                        continue
-                    current, name = command_head(event.data)
-                    if name == b'LOGOUT' and event.data[len(current) + 7:] in (b'\r\n', b'\n'):
-                        self.flush_to(conn, out)
-                        return self.logout(conn, current)
-                    if name == b'COMPRESS':
-                        # R34: compression cannot be spliced into a cached connection.
-                        self.flush_to(conn, out)
-                        self.send_local(current + b' NO Compression is not available.\r\n')
-                        continue
-                    if current is not None:
-                        self.track(current, name, event.data)
-                if event.literal is not None and event.sync:
-                    self.literal_tag = current
-                out.append(event.data)
-            self.flush_to(conn, out)
-            data = self.recv_client()
-            if not data:
-                return 'client closed'
-            framer.feed(data)
-
-    def track(self, tag: bytes, name: Optional[bytes], line: bytes) -> None:
-        """Record a command about to be forwarded (R3)."""
-        if name == b'UID':
-            name = b'UID ' + (command_head(line[len(tag) + 1:])[1] or b'')
-        self.inflight[tag] = name or b''
-        self.quiet.clear()
-        if name in (b'IDLE', b'AUTHENTICATE'):
-            self.continuation_tag = tag
-        if name in _STICKY_COMMANDS:
-            self.sticky = self.sticky or name.decode().lower()
-        elif _IMPLICIT_CONDSTORE.search(line):
-            self.sticky = self.sticky or 'implicit condstore'
-
-    def flush_to(self, conn: BackendConnection, out: list) -> None:
-        if out:
-            conn.send(b''.join(out) if len(out) > 1 else out[0])
-            out.clear()
-            self.last_activity = time.monotonic()
-
-    def pump_server(self, session: gevent.Greenlet) -> None:
-        """Stream server responses to the client (the pump greenlet's body).
-
-        Writes whole batches in one send while holding `client_lock`, and keeps the lock
-        while a response is only half written (a literal in progress), so that nothing
-        the proxy says itself can land inside a response.
-        """
-        conn = self.entry.conn
-        framer = conn.framer
-        holding = False
-        try:
-            while True:
-                out = []
-                while True:
-                    event = framer.next_event()
-                    if event is None:
-                        break
-                    if isinstance(event, LiteralData) or not event.first:
-                        out.append(event.data)
-                    else:
-                        out.append(self.on_response(event.data))
-                if out:
-                    if not holding:
-                        self.client_lock.acquire()
-                        holding = True
-                    with gevent.Timeout(WRITE_TIMEOUT, OSError('write timeout')):
-                        self.sock.sendall(b''.join(out) if len(out) > 1 else out[0])
-                    if framer.at_boundary:
-                        self.client_lock.release()
-                        holding = False
-                    if not self.inflight:
-                        self.quiet.set()
-                data = conn.recv()
-                if not data:
-                    raise BackendError('server closed the connection')
-                self.last_activity = time.monotonic()
-                framer.feed(data)
-        except (BackendError, ProtocolError) as exc:
-            self.pump_error = getattr(exc, 'reason', None) or str(exc)
-        except OSError as exc:
-            self.pump_error = 'client write failed: %s' % (exc.strerror or exc)
-        except Exception:
-            self.pump_error = 'internal error'
-            log.exception('relay failed: id=%s', self.id)
-        finally:
-            if holding:
-                self.client_lock.release()
-        # Reached only when the pump ends on its own: wake the session greenlet.
-        gevent.kill(session, _BackendLost, block=False)
-
-    def on_response(self, line: bytes) -> bytes:
-        """Note what the first line of a server response means; return it for the client.
-
-        Raises:
-            BackendDesync: a tagged reply to no command in flight (R4).
-        """
-        first = line[:1]
-        if first == b'*':
-            if b'CAPABILITY' in line[:60].upper():
-                return rewrite_capabilities(line)
-            return line
-        if first == b'+':
-            self.literal_tag = None
-            return line
-        response = parse_response(line)
-        name = self.inflight.pop(response.tag, None)
-        if name is None:
-            raise BackendDesync('reply to a tag not in flight')
-        if response.tag == self.literal_tag:
-            # The server refused a synchronizing literal: the client will not send it.
-            self.framer.cancel_literal()
-            self.literal_tag = None
-        if response.tag == self.continuation_tag:
-            self.continuation_tag = None
-        conn = self.entry.conn
-        if name in _SELECTING:
-            # RFC 3501 section 6.3.1: a failed SELECT leaves no mailbox selected.
-            conn.selected = {b'OK': True, b'NO': False}.get(response.status)
-        elif name in _DESELECTING and response.status == b'OK':
-            conn.selected = False
-        if response.code and response.code[:11].upper() == b'CAPABILITY ':
-            return rewrite_capabilities(line)
-        return line
-
-    def logout(self, conn: BackendConnection, tag: bytes) -> str:
-        """Answer LOGOUT after every earlier reply (R23), keeping the backend (R26-R29).
-
-        The reset runs before the answer, so that the same user's next login, which a
-        webmail client sends right after, finds the connection in the cache.
-        """
-        if not self.quiet.wait(LOGOUT_WAIT):
-            raise SessionEnd('no reply to commands pipelined before LOGOUT')
-        # With the lock held the pump is between responses: stopping it loses no reply.
-        if not self.client_lock.acquire(timeout=WRITE_TIMEOUT):
-            raise SessionEnd('server response stuck before LOGOUT')
-        try:
-            self.stop_pump()
-        finally:
-            self.client_lock.release()
-        log.info('logout: id=%s user=%s backend=%s', self.id, printable(self.user), conn.id)
-        self.keep_backend('logout')
-        self.send_quietly(b'* BYE Logging out\r\n' + tag + b' OK Logout completed.\r\n')
-        return 'logout'
-
-    def keep_backend(self, why: str) -> None:
-        """Reset the backend and cache it, or close it when it is not known clean (R24)."""
+    def keep_backend(self, why: str, doubt: Optional[str]) -> None:
+        """Reset the backend and cache it; close it instead when `doubt` names a reason
+        it is not known to be clean, or the reset fails (R24, R29)."""
         entry, conn = self.entry, self.entry.conn
-        doubt = self.sticky or ('command in flight' if self.inflight else None) or (
-            None if conn.framer.at_boundary else 'response in progress')
         if doubt is not None:
             self.drop_backend('not reusable after %s: %s' % (why, doubt))
             return
@@ -584,16 +362,10 @@ class ClientSession:
         log.debug('backend cached: id=%s backend=%s', self.id, conn.id)
 
     def drop_backend(self, reason: str) -> None:
+        """Forget and close the session's backend connection, logging `reason`."""
         entry, self.entry = self.entry, None
         self.cache.discard(entry)
         entry.conn.close(reason)
-
-    def stop_pump(self) -> None:
-        pump, self.pump = self.pump, None
-        if pump is not None and not pump.dead:
-            # The pump kills the session greenlet only when it ends by itself; a kill
-            # from here ends it at its current wait (recv or the client lock).
-            pump.kill(block=True)
 
     # -- client socket -----------------------------------------------------------------------
 
@@ -617,22 +389,6 @@ class ClientSession:
             raise SessionEnd('client closed')
         return data
 
-    def recv_client(self) -> bytes:
-        """Read client bytes after login; b'' at EOF, error or idle timeout."""
-        while True:
-            self.sock.settimeout(max(1.0, self.last_activity + IDLE_TIMEOUT - time.monotonic()))
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except socket.timeout:
-                if time.monotonic() - self.last_activity >= IDLE_TIMEOUT:
-                    self.send_local(b'* BYE Idle timeout.\r\n')
-                    return b''
-                continue
-            except OSError:
-                return b''
-            self.last_activity = time.monotonic()
-            return data
-
     def send(self, data: bytes) -> None:
         """Write one whole response in one send. Raises SessionEnd if the client is gone."""
         self.sock.settimeout(WRITE_TIMEOUT)
@@ -642,11 +398,6 @@ class ClientSession:
             raise SessionEnd('client write failed: %s' % (exc.strerror or exc)) from None
         finally:
             self.sock.settimeout(None)
-
-    def send_local(self, data: bytes) -> None:
-        """Write a response of the proxy's own while the pump may be writing too."""
-        with self.client_lock:
-            self.send_quietly(data)
 
     def send_quietly(self, data: bytes) -> None:
         try:

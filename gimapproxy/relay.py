@@ -1,0 +1,313 @@
+"""After login: relay a client and its backend connection both ways until LOGOUT.
+
+The session's greenlet frames the client's commands and forwards them; a second greenlet,
+the pump, streams the server's responses back. Each command is tracked from its first
+line to its tagged reply (R3), so the proxy knows when the backend connection is clean:
+nothing in flight, no literal owed, no response half written. LOGOUT is answered by the
+proxy once every earlier command has its reply (R23).
+
+Only the pump writes to the client while the relay runs, except for the proxy's own few
+replies, which take `client_lock` first. The pump holds that lock from the first byte of a
+response to its last, so nothing the proxy says can land inside a response.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Optional
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from .backend import BackendConnection, BackendDesync, BackendError
+from .logfmt import printable
+from .protocol import (LiteralData, ProtocolError, command_head, parse_response,
+                       rewrite_capabilities)
+
+__all__ = ['Relay']
+
+log = logging.getLogger('gimapproxy.relay')
+
+# After login: Dovecot's imap_max_line_length is 64 KiB; leave room above it.
+MAX_COMMAND_LINE = 128 * 1024
+IDLE_TIMEOUT = 30 * 60.0      # silence on both sides, as the original's hard-coded limit
+LOGOUT_WAIT = 60.0            # for replies to commands pipelined before LOGOUT
+WRITE_TIMEOUT = 60.0
+RECV_SIZE = 65536
+
+# Commands that leave state on the server connection that the next session must not
+# inherit (R14, R31): the connection is not cached after any of them.
+_STICKY_COMMANDS = frozenset((b'ENABLE', b'NOTIFY', b'LANGUAGE', b'COMPARATOR',
+                              b'LOGIN', b'AUTHENTICATE', b'PROXYAUTH', b'UNAUTHENTICATE',
+                              b'STARTTLS', b'COMPRESS'))
+# RFC 7162 section 3.1: these turn CONDSTORE on implicitly.
+_IMPLICIT_CONDSTORE = re.compile(rb'CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE', re.IGNORECASE)
+_SELECTING = frozenset((b'SELECT', b'EXAMINE'))
+_DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
+
+
+class BackendLost(Exception):
+    """Thrown into the session greenlet by the pump when the server side ends."""
+
+
+class Relay:
+    """The logged-in part of one session. `run()` returns why it ended.
+
+    When `run()` returns, the pump has stopped and the session's backend entry has been
+    kept (reset and cached), dropped, or left to the session to drop (session.entry is
+    then still set).
+    """
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.id = session.id
+        self.sock = session.sock
+        self.framer = session.framer                 # the client side
+        self.conn: BackendConnection = session.entry.conn
+        self.inflight: dict[bytes, bytes] = {}        # client tag -> command name
+        self.quiet = Event()                          # set while nothing is in flight
+        self.quiet.set()
+        self.sticky: Optional[str] = None             # why the backend cannot be cached
+        self.continuation_tag: Optional[bytes] = None  # IDLE/AUTHENTICATE owning lines
+        self.literal_tag: Optional[bytes] = None      # command waiting for "+" to send
+        self.client_lock = Semaphore()
+        self.pump: Optional[gevent.Greenlet] = None
+        self.pump_error: Optional[str] = None
+        self.last_activity = time.monotonic()
+
+    def run(self) -> str:
+        """Relay until LOGOUT or either side leaves; return the reason the session ended."""
+        self.framer.max_line = MAX_COMMAND_LINE
+        self.pump = gevent.spawn(self.pump_server, gevent.getcurrent())
+        try:
+            reason = self.pump_client()
+            if reason != 'logout':
+                # The client left without LOGOUT: keep the backend only if it is clean
+                # (R24).
+                self.stop_pump()
+                self.session.keep_backend(reason, self.doubt())
+            return reason
+        except BackendLost:
+            return 'backend ended: %s' % self.pump_error
+        except BackendError as exc:
+            return 'backend ended: %s' % exc.reason
+        finally:
+            self.stop_pump()
+
+    def doubt(self) -> Optional[str]:
+        """Why the backend connection is not known to be clean, or None (R3, R24)."""
+        if self.sticky:
+            return self.sticky
+        if self.inflight:
+            return 'command in flight'
+        if not self.conn.framer.at_boundary:
+            return 'response in progress'
+        return None
+
+    # -- client to server ---------------------------------------------------------------
+
+    def pump_client(self) -> str:
+        """Forward client commands to the server until LOGOUT or EOF."""
+        framer = self.framer
+        current: Optional[bytes] = None    # tag of the command being read
+        out: list[bytes] = []
+        while True:
+            while True:
+                try:
+                    event = framer.next_event()
+                except ProtocolError as exc:
+                    self.flush(out)
+                    self.send_local(b'* BYE Command line too long.\r\n')
+                    self.sticky = self.sticky or 'oversized command'
+                    return 'client protocol error: %s' % exc
+                if event is None:
+                    break
+                if isinstance(event, LiteralData):
+                    out.append(event.data)
+                    continue
+                if event.first:
+                    if self.continuation_tag is not None:
+                        # Lines that answer a continuation (IDLE's DONE, SASL data) belong
+                        # to the command in progress; they are not commands.
+                        if self.inflight.get(self.continuation_tag) == b'IDLE':
+                            self.continuation_tag = None
+                        out.append(event.data)
+                        continue
+                    current, name = command_head(event.data)
+                    if name == b'LOGOUT' and event.data[len(current) + 7:] in (b'\r\n', b'\n'):
+                        self.flush(out)
+                        return self.logout(current)
+                    if name == b'COMPRESS':
+                        # R34: compression cannot be spliced into a cached connection.
+                        self.flush(out)
+                        self.send_local(current + b' NO Compression is not available.\r\n')
+                        continue
+                    if current is not None:
+                        self.track(current, name, event.data)
+                if event.literal is not None and event.sync:
+                    self.literal_tag = current
+                out.append(event.data)
+            self.flush(out)
+            data = self.recv_client()
+            if not data:
+                return 'client closed'
+            framer.feed(data)
+
+    def track(self, tag: bytes, name: Optional[bytes], line: bytes) -> None:
+        """Record a command about to be forwarded (R3)."""
+        if name == b'UID':
+            name = b'UID ' + (command_head(line[len(tag) + 1:])[1] or b'')
+        self.inflight[tag] = name or b''
+        self.quiet.clear()
+        if name in (b'IDLE', b'AUTHENTICATE'):
+            self.continuation_tag = tag
+        if name in _STICKY_COMMANDS:
+            self.sticky = self.sticky or name.decode().lower()
+        elif _IMPLICIT_CONDSTORE.search(line):
+            self.sticky = self.sticky or 'implicit condstore'
+
+    def flush(self, out: list) -> None:
+        """Send the collected client bytes to the server in one write."""
+        if out:
+            self.conn.send(b''.join(out) if len(out) > 1 else out[0])
+            out.clear()
+            self.last_activity = time.monotonic()
+
+    def recv_client(self) -> bytes:
+        """Read client bytes; b'' at EOF, error, or IDLE_TIMEOUT of silence both ways."""
+        while True:
+            self.sock.settimeout(max(1.0, self.last_activity + IDLE_TIMEOUT - time.monotonic()))
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                if time.monotonic() - self.last_activity >= IDLE_TIMEOUT:
+                    self.send_local(b'* BYE Idle timeout.\r\n')
+                    return b''
+                continue
+            except OSError:
+                return b''
+            self.last_activity = time.monotonic()
+            return data
+
+    # -- server to client ----------------------------------------------------------------
+
+    def pump_server(self, session: gevent.Greenlet) -> None:
+        """Stream server responses to the client (the pump greenlet's body).
+
+        Writes whole batches in one send while holding `client_lock`, and keeps the lock
+        while a response is only half written (a literal in progress).
+        """
+        framer = self.conn.framer
+        holding = False
+        try:
+            while True:
+                out = []
+                while True:
+                    event = framer.next_event()
+                    if event is None:
+                        break
+                    if isinstance(event, LiteralData) or not event.first:
+                        out.append(event.data)
+                    else:
+                        out.append(self.on_response(event.data))
+                if out:
+                    if not holding:
+                        self.client_lock.acquire()
+                        holding = True
+                    with gevent.Timeout(WRITE_TIMEOUT, OSError('write timeout')):
+                        self.sock.sendall(b''.join(out) if len(out) > 1 else out[0])
+                    if framer.at_boundary:
+                        self.client_lock.release()
+                        holding = False
+                    if not self.inflight:
+                        self.quiet.set()
+                data = self.conn.recv()
+                if not data:
+                    raise BackendError('server closed the connection')
+                self.last_activity = time.monotonic()
+                framer.feed(data)
+        except (BackendError, ProtocolError) as exc:
+            self.pump_error = getattr(exc, 'reason', None) or str(exc)
+        except OSError as exc:
+            self.pump_error = 'client write failed: %s' % (exc.strerror or exc)
+        except Exception:
+            self.pump_error = 'internal error'
+            log.exception('relay failed: id=%s', self.id)
+        finally:
+            if holding:
+                self.client_lock.release()
+        # Reached only when the pump ends on its own: wake the session greenlet.
+        gevent.kill(session, BackendLost, block=False)
+
+    def on_response(self, line: bytes) -> bytes:
+        """Note what the first line of a server response means; return it for the client.
+
+        Raises:
+            BackendDesync: a tagged reply to no command in flight (R4).
+        """
+        first = line[:1]
+        if first == b'*':
+            if b'CAPABILITY' in line[:60].upper():
+                return rewrite_capabilities(line)
+            return line
+        if first == b'+':
+            self.literal_tag = None
+            return line
+        response = parse_response(line)
+        name = self.inflight.pop(response.tag, None)
+        if name is None:
+            raise BackendDesync('reply to a tag not in flight')
+        if response.tag == self.literal_tag:
+            # The server refused a synchronizing literal: the client will not send it.
+            self.framer.cancel_literal()
+            self.literal_tag = None
+        if response.tag == self.continuation_tag:
+            self.continuation_tag = None
+        if name in _SELECTING:
+            # RFC 3501 section 6.3.1: a failed SELECT leaves no mailbox selected.
+            self.conn.selected = {b'OK': True, b'NO': False}.get(response.status)
+        elif name in _DESELECTING and response.status == b'OK':
+            self.conn.selected = False
+        if response.code and response.code[:11].upper() == b'CAPABILITY ':
+            return rewrite_capabilities(line)
+        return line
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def logout(self, tag: bytes) -> str:
+        """Answer LOGOUT after every earlier reply (R23), keeping the backend (R26-R29).
+
+        The reset runs before the answer, so that the same user's next login, which a
+        webmail client sends right after, finds the connection in the cache.
+        """
+        if not self.quiet.wait(LOGOUT_WAIT):
+            self.sticky = 'no reply to commands pipelined before LOGOUT'
+            return 'logout timeout'
+        # With the lock held the pump is between responses: stopping it loses no reply.
+        if not self.client_lock.acquire(timeout=WRITE_TIMEOUT):
+            return 'logout timeout'
+        try:
+            self.stop_pump()
+        finally:
+            self.client_lock.release()
+        log.info('logout: id=%s user=%s backend=%s', self.id,
+                 printable(self.session.user), self.conn.id)
+        self.session.keep_backend('logout', self.doubt())
+        self.session.send_quietly(b'* BYE Logging out\r\n' + tag
+                                  + b' OK Logout completed.\r\n')
+        return 'logout'
+
+    def stop_pump(self) -> None:
+        pump, self.pump = self.pump, None
+        if pump is not None and not pump.dead:
+            # The pump kills the session greenlet only when it ends by itself; a kill
+            # from here ends it at its current wait (recv or the client lock).
+            pump.kill(block=True)
+
+    def send_local(self, data: bytes) -> None:
+        """Write a response of the proxy's own while the pump may be writing too."""
+        with self.client_lock:
+            self.session.send_quietly(data)
