@@ -1,0 +1,113 @@
+"""Fixtures: real IMAP servers (Dovecot, pymap) and the proxy in front of them.
+
+gevent's monkey-patching comes first, as in bin/gimapproxy: the proxy runs in this
+process, so the tests' own blocking sockets must yield to it.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import pytest  # noqa: E402
+
+from gimapproxy import ProxyServer, make_config  # noqa: E402
+from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, Pymap, require_dovecot  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Backend:
+    """A running IMAP server and the accounts tests may use on it."""
+    name: str
+    server: object
+    users: list = field(default_factory=list)    # [(user, password)]
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def logins(self) -> int:
+        return self.server.login_count()
+
+    def wait_logins(self, count: int, timeout: float = 5.0) -> int:
+        return self.server.wait_login_count(count, timeout)
+
+
+@pytest.fixture(scope='session')
+def dovecot():
+    require_dovecot()
+    # Tests fail logins on purpose; Dovecot's per-IP auth penalty would then slow every
+    # later login from 127.0.0.1 by seconds.
+    with Dovecot(extra_conf=NO_AUTH_PENALTY_CONF) as server:
+        yield Backend('dovecot', server, [('user%d' % i, 'secret%d' % i) for i in range(1, 21)])
+
+
+@pytest.fixture(scope='session')
+def pymap():
+    with Pymap() as server:
+        yield Backend('pymap', server, [('demouser', 'demopass')])
+
+
+@pytest.fixture(params=['dovecot', 'pymap'])
+def backend(request):
+    """Each test that takes `backend` runs against Dovecot and against pymap."""
+    return request.getfixturevalue(request.param)
+
+
+def start_proxy(backend: Backend, **settings) -> ProxyServer:
+    """An in-process proxy on a free loopback port in front of `backend`."""
+    values = {'listen_port': '0', 'server_hostname': '127.0.0.1',
+              'server_port': str(backend.port), 'shutdown_timeout': '2'}
+    values.update({key: str(value) for key, value in settings.items()})
+    server = ProxyServer(make_config(values))
+    server.start()
+    return server
+
+
+@pytest.fixture
+def make_proxy(backend):
+    """Start proxies with extra settings; all are stopped after the test."""
+    servers = []
+
+    def make(**settings) -> ProxyServer:
+        servers.append(start_proxy(backend, **settings))
+        return servers[-1]
+    yield make
+    for server in servers:
+        server.stop(2)
+
+
+@pytest.fixture
+def proxy(make_proxy) -> ProxyServer:
+    return make_proxy()
+
+
+class SecretWatch(logging.Handler):
+    """Collects every log line of the package, at debug level."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(autouse=True)
+def proxy_log(request):
+    """Every test's proxy log, at debug level; no test may leak a password into it (R51)."""
+    watch = SecretWatch()
+    logger = logging.getLogger('gimapproxy')
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(watch)
+    yield watch
+    logger.removeHandler(watch)
+    logger.setLevel(old_level)
+    text = '\n'.join(watch.lines)
+    for secret in ['secret%d' % i for i in range(1, 21)] + ['demopass', 'wrongpass']:
+        assert secret not in text, 'a password reached the log'

@@ -1,0 +1,124 @@
+"""bin/gimapproxy as a real process: arguments, exit codes, signals."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.backends import free_port
+from tests.wire import Client
+
+BIN = os.path.join(REPO, 'bin', 'gimapproxy')
+
+
+def run(*args, timeout=30):
+    return subprocess.run([sys.executable, BIN, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_version_and_help():
+    result = run('--version')
+    assert result.returncode == 0 and result.stdout.startswith('gimapproxy ')
+    result = run('-h')
+    assert result.returncode == 0 and 'Usage:' in result.stdout
+    result = run('--bogus')
+    assert result.returncode == 2 and 'Usage:' in result.stderr
+
+
+def test_check_good_and_bad_config(tmp_path):
+    result = run('-c', os.path.join(REPO, 'etc', 'proxy.ini'), '--check')
+    assert result.returncode == 0, result.stderr
+    bad = tmp_path / 'bad.ini'
+    bad.write_text('[gimapproxy]\nserver_hostname = x\ncache_size = lots\n')
+    result = run('-c', str(bad), '--check')
+    assert result.returncode == 1
+    assert result.stderr.strip() == ('gimapproxy: configuration error: %s: [gimapproxy] '
+                                     "cache_size: 'lots' is not a whole number" % bad)
+    result = run('-c', str(bad))          # without --check too, before binding anything
+    assert result.returncode == 1 and 'cache_size' in result.stderr
+
+
+def start_daemon(tmp_path, backend_port, **settings):
+    port = free_port()
+    ini = tmp_path / 'proxy.ini'
+    values = {'listen_port': port, 'server_hostname': '127.0.0.1',
+              'server_port': backend_port, 'shutdown_timeout': 3, **settings}
+    ini.write_text('[gimapproxy]\n' + ''.join('%s = %s\n' % item for item in values.items()))
+    process = subprocess.Popen([sys.executable, BIN, '-c', str(ini)], cwd=REPO,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            Client(port).close()
+            return process, port
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError('proxy did not start: %s' % process.stderr.read())
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_and_exits_zero(tmp_path, dovecot, signum):
+    process, port = start_daemon(tmp_path, dovecot.port)
+    try:
+        user, password = dovecot.users[0]
+        with Client(port) as cached:
+            assert cached.login(user, password).startswith(b'L1 OK')
+            cached.logout()
+        busy = Client(port)
+        assert busy.login(user, password).startswith(b'L1 OK')
+        process.send_signal(signum)
+        time.sleep(0.3)
+        # The open session still works while the proxy drains...
+        assert busy.command(b'a', b'NOOP')[1].startswith(b'a OK')
+        busy.logout()
+        busy.close()
+        # ...and new clients are no longer accepted.
+        assert process.wait(timeout=15) == 0
+        with pytest.raises(OSError):
+            Client(port)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stderr.read()
+    assert 'signal received: signal=%s' % signal.Signals(signum).name in log
+    assert 'stopped: cached connections logged out=1' in log
+    assert 'Traceback' not in log
+
+
+def test_shutdown_timeout_ends_idle_sessions(tmp_path, dovecot):
+    process, port = start_daemon(tmp_path, dovecot.port, shutdown_timeout=0.5)
+    try:
+        user, password = dovecot.users[1]
+        idle = Client(port)
+        idle.login(user, password)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert idle.read_eof() == b'* BYE Server shutting down.\r\n'
+        assert process.wait(timeout=15) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stderr.read()
+    assert 'reason=server shutdown' in log and 'Traceback' not in log
+
+
+def test_import_patches_nothing_and_loads_no_socket_code():
+    code = ('import sys\n'
+            'before = set(sys.modules)\n'
+            'import gimapproxy\n'
+            'new = set(sys.modules) - before\n'
+            'bad = [m for m in ("socket", "ssl", "threading", "gevent") if m in new]\n'
+            'print(",".join(bad))\n'
+            'from gimapproxy import ProxyServer, load_config\n'
+            'from gevent import monkey\n'
+            'print(monkey.is_anything_patched())\n')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                            text=True, cwd=REPO, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split('\n')[:2] == ['', 'False']

@@ -1,0 +1,99 @@
+"""Configuration: defaults, and errors that name the file, the key and the problem."""
+import os
+import re
+
+import pytest
+
+from gimapproxy.config import KEYS, ConfigError, load_config, make_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(HERE, '..', 'etc', 'proxy.ini')
+
+
+def write(tmp_path, text):
+    path = tmp_path / 'proxy.ini'
+    path.write_text(text)
+    return str(path)
+
+
+def test_minimal_file_gets_defaults(tmp_path):
+    config = load_config(write(tmp_path, '[gimapproxy]\nserver_hostname = imap.example\n'))
+    assert config.server_hostname == 'imap.example'
+    assert config.server_port == 143
+    assert config.listen_address == '127.0.0.1'
+    assert config.listen_port == 1143
+    assert config.cache_expiration_time == 300
+    assert config.expiry_interval == 60
+    assert config.log_level == 'info'
+
+
+def test_shipped_file_is_valid_and_documents_every_default():
+    config = load_config(SHIPPED)
+    text = open(SHIPPED).read()
+    for key in KEYS:
+        if key.default is None:
+            assert re.search(r'^%s = ' % key.name, text, re.M), key.name
+        else:
+            # Documented as a commented line with the real default.
+            assert re.search(r'^#%s = %s$' % (key.name, re.escape(key.default)), text, re.M), \
+                key.name
+            assert getattr(config, key.name) == key.parse(key.default)
+
+
+@pytest.mark.parametrize('body, key, problem', [
+    ('server_hostname = x\nserver_port = abc\n', 'server_port', "'abc' is not a whole number"),
+    ('server_hostname = x\nserver_port = 0\n', 'server_port', 'out of range'),
+    ('server_hostname = x\nlisten_port = 70000\n', 'listen_port', 'out of range'),
+    ('server_hostname = x\ncache_size = -1\n', 'cache_size', 'out of range'),
+    ('server_hostname = x\ncache_expiration_time = soon\n', 'cache_expiration_time',
+     'not a number of seconds'),
+    ('server_hostname = x\nexpiry_interval = 0\n', 'expiry_interval', 'out of range'),
+    ('server_hostname = x\nconnect_timeout = nan\n', 'connect_timeout', 'out of range'),
+    ('server_hostname = x\nlog_level = loud\n', 'log_level', 'is not one of'),
+    ('server_hostname = x\nlisten_address = localhost\n', 'listen_address',
+     'is not an IP address'),
+    ('server_hostname = x\nthis_is_not_an_option = 42\n', 'this_is_not_an_option',
+     'unknown key'),
+    ('server_port = 143\n', 'server_hostname', 'required key is missing'),
+    ('server_hostname =\n', 'server_hostname', 'is not a host name'),
+    ('server_hostname = x\nserver_port = 1\nserver_port = 2\n', 'server_port', 'given twice'),
+])
+def test_errors_name_file_key_and_problem(tmp_path, body, key, problem):
+    path = write(tmp_path, '[gimapproxy]\n' + body)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(path + ': [gimapproxy] ' + key + ': '), message
+    assert problem in message
+
+
+@pytest.mark.parametrize('text, problem', [
+    ('server_hostname = x\n', 'File contains no section headers'),
+    ('[other]\nserver_hostname = x\n', '[other]: unknown section'),
+    ('', '[gimapproxy]: section is missing'),
+    ('[gimapproxy]\nserver_hostname\n', 'server_hostname'),
+])
+def test_file_level_errors(tmp_path, text, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(path + ': ')
+    assert problem in str(info.value)
+
+
+def test_unreadable_file(tmp_path):
+    missing = str(tmp_path / 'nope.ini')
+    with pytest.raises(ConfigError, match=re.escape(missing) + ': cannot read'):
+        load_config(missing)
+    path = tmp_path / 'bin.ini'
+    path.write_bytes(b'[gimapproxy]\nserver_hostname = \xff\n')
+    with pytest.raises(ConfigError, match='not valid UTF-8'):
+        load_config(str(path))
+
+
+def test_make_config_for_embedding():
+    config = make_config({'server_hostname': 'h', 'listen_port': '0'})
+    assert config.listen_port == 0 and config.server_hostname == 'h'
+    with pytest.raises(ConfigError, match=r'<dict>: \[gimapproxy\] listen_port: '):
+        make_config({'server_hostname': 'h', 'listen_port': 'x'})
+    assert make_config({'server_hostname': 'h', 'listen_address': '*'}).listen_address == ''

@@ -1,0 +1,194 @@
+"""The pure protocol layer, byte by byte: every input is also fed one byte at a time."""
+import pytest
+
+from gimapproxy.protocol import (BadCommand, BadLiteral, Framer, Line, LineTooLong,
+                                 LiteralData, astring, command_head, filter_capabilities,
+                                 literal_of, parse_command, parse_response, quote,
+                                 rewrite_capabilities, tag_of)
+
+
+def frame(data: bytes, step: int, max_line: int = 1000) -> list:
+    """Feed `data` in pieces of `step` bytes; return events with literal pieces merged."""
+    framer = Framer(max_line)
+    events = []
+    for start in range(0, len(data), step):
+        framer.feed(data[start:start + step])
+        while (event := framer.next_event()) is not None:
+            if isinstance(event, LiteralData) and events and isinstance(events[-1], LiteralData) \
+                    and not events[-1].last:
+                event = LiteralData(events.pop().data + event.data, event.last)
+            events.append(event)
+    assert framer.buffered == 0
+    return events
+
+
+SPLITS = [1, 2, 3, 7, 10000]
+
+
+@pytest.mark.parametrize('step', SPLITS)
+def test_framer_lines_and_literals(step):
+    data = (b'a1 NOOP\r\n'
+            b'a2 APPEND INBOX {12}\r\nhello\r\na2 OK\r\n'
+            b'a3 LOGIN {3+}\r\nbob {0}\r\n\r\n'
+            b'a4 FETCH 1 BODY[] ~{2}\r\n\x00\x01 x\n')
+    assert frame(data, step) == [
+        Line(b'a1 NOOP\r\n', True),
+        Line(b'a2 APPEND INBOX {12}\r\n', True, 12, True),
+        LiteralData(b'hello\r\na2 OK', True),       # never scanned for commands
+        Line(b'\r\n', False),
+        Line(b'a3 LOGIN {3+}\r\n', True, 3, False),
+        LiteralData(b'bob', True),
+        Line(b' {0}\r\n', False, 0, True),
+        Line(b'\r\n', False),
+        Line(b'a4 FETCH 1 BODY[] ~{2}\r\n', True, 2, True),
+        LiteralData(b'\x00\x01', True),
+        Line(b' x\n', False),                       # bare LF accepted, as Dovecot does
+    ]
+
+
+@pytest.mark.parametrize('step', SPLITS)
+def test_framer_boundary_tracking(step):
+    framer = Framer(100)
+    data = b'* 1 FETCH (BODY[] {3}\r\nabc)\r\n'
+    seen = []
+    for start in range(0, len(data), step):
+        framer.feed(data[start:start + step])
+        while framer.next_event() is not None:
+            seen.append(framer.at_boundary)
+    assert seen[-1] is True
+    assert not any(seen[:-1])
+
+
+@pytest.mark.parametrize('step', [1, 5, 200])
+def test_framer_line_limit(step):
+    framer = Framer(16)
+    with pytest.raises(LineTooLong):
+        for start in range(0, 40, step):
+            framer.feed((b'x' * 40)[start:start + step])
+            framer.next_event()
+    framer = Framer(16)
+    framer.feed(b'0123456789abcdef')     # exactly the limit, without its end yet: fine
+    assert framer.next_event() is None
+    framer.feed(b'\r\n')
+    with pytest.raises(LineTooLong):
+        framer.next_event()
+
+
+def test_framer_cancel_literal():
+    framer = Framer(100)
+    framer.feed(b'a APPEND INBOX {5}\r\n')
+    assert framer.next_event() == Line(b'a APPEND INBOX {5}\r\n', True, 5, True)
+    assert framer.in_literal and not framer.at_boundary
+    framer.cancel_literal()           # the server said NO instead of "+"
+    framer.feed(b'b NOOP\r\n')
+    assert framer.next_event() == Line(b'b NOOP\r\n', True)
+
+
+def test_literal_announcements():
+    assert literal_of(b'a LOGIN {5}\r\n') == (5, True)
+    assert literal_of(b'a LOGIN {5+}\r\n') == (5, False)
+    assert literal_of(b'a LOGIN ~{5}\r\n') == (5, True)
+    assert literal_of(b'a LOGIN "{5}"\r\n') is None
+    assert literal_of(b'a LOGIN {5}x\r\n') is None
+    assert literal_of(b'a LOGIN {}\r\n') is None
+    assert literal_of(b'a X {4294967295}\r\n') == (4294967295, True)
+    with pytest.raises(BadLiteral):
+        literal_of(b'a X {4294967296}\r\n')
+
+
+def test_tag_and_head():
+    assert command_head(b'a1 LOGOUT\r\n') == (b'a1', b'LOGOUT')
+    assert command_head(b'a1 logout\r\n') == (b'a1', b'LOGOUT')
+    assert command_head(b'a1 LOGOUTNOW\r\n') == (b'a1', b'LOGOUTNOW')
+    assert command_head(b'a1 uid fetch 1 x\r\n') == (b'a1', b'UID')
+    assert command_head(b'+a LOGOUT\r\n') == (None, None)      # "+" is not a tag character
+    assert command_head(b'a1\r\n') == (None, None)
+    assert command_head(b'a1 \r\n') == (b'a1', None)
+    assert tag_of(b'x.y-1 NOOP\r\n') == b'x.y-1'
+    assert tag_of(b'* NOOP\r\n') is None
+
+
+def parse_split(data: bytes):
+    """parse_command over the bytes a Framer assembles when fed one byte at a time."""
+    framer = Framer(1000)
+    parts = []
+    for byte in data:
+        framer.feed(bytes([byte]))
+        while (event := framer.next_event()) is not None:
+            parts.append(event.data)
+    assert framer.at_boundary
+    return parse_command(b''.join(parts))
+
+
+@pytest.mark.parametrize('data, tag, name, args', [
+    (b'a LOGIN bob secret\r\n', b'a', b'LOGIN', [b'bob', b'secret']),
+    (b'a login "bob" "s\\"e\\\\c"\r\n', b'a', b'LOGIN', [b'bob', b's"e\\c']),
+    (b'a LOGIN {3}\r\nbob {6+}\r\nsec et\r\n', b'a', b'LOGIN', [b'bob', b'sec et']),
+    (b'a LOGIN "b\xc3\xb6b" {2}\r\n\r\n\r\n', b'a', b'LOGIN', [b'b\xc3\xb6b', b'\r\n']),
+    (b'a LOGIN "" ""\r\n', b'a', b'LOGIN', [b'', b'']),
+    (b'a ID NIL\r\n', b'a', b'ID', [None]),
+    (b'a ID ("name" "x" "version" NIL)\r\n', b'a', b'ID', [[b'name', b'x', b'version', None]]),
+    (b'a ID ()\r\n', b'a', b'ID', [[]]),
+    (b'a NOOP\n', b'a', b'NOOP', []),
+    (b'a AUTHENTICATE PLAIN =\r\n', b'a', b'AUTHENTICATE', [b'PLAIN', b'=']),
+])
+def test_parse_command(data, tag, name, args):
+    for parsed in (parse_command(data), parse_split(data)):
+        assert (parsed.tag, parsed.name, parsed.args) == (tag, name, args)
+
+
+@pytest.mark.parametrize('data, tag', [
+    (b'a LOGIN "bob\r\n', b'a'),
+    (b'a LOGIN "b\\ob" x\r\n', b'a'),
+    (b'a LOGIN bob  secret\r\n', b'a'),
+    (b'a LOGIN bob secret \r\n', b'a'),
+    (b'a ID ("a" "b"\r\n', b'a'),
+    (b'a LOGIN {10}\r\nabc\r\n', b'a'),
+    (b'a LOGIN x"y z\r\n', b'a'),
+    (b'a\r\n', None),
+    (b'* LOGIN a b\r\n', None),
+    (b'\r\n', None),
+])
+def test_parse_command_errors_keep_the_tag(data, tag):
+    with pytest.raises(BadCommand) as info:
+        parse_command(data)
+    assert info.value.tag == tag
+
+
+def test_parse_response():
+    ok = parse_response(b'A1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n')
+    assert (ok.kind, ok.tag, ok.status, ok.code, ok.text) == (
+        'tagged', b'A1', b'OK', b'CAPABILITY IMAP4rev1 IDLE', b'Logged in')
+    no = parse_response(b'A2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n')
+    assert (no.status, no.code) == (b'NO', b'AUTHENTICATIONFAILED')
+    assert parse_response(b'* BYE shutting down\r\n').status == b'BYE'
+    assert parse_response(b'* 23 EXISTS\r\n').name == b'EXISTS'
+    assert parse_response(b'* 1 FETCH (FLAGS ())\r\n').name == b'FETCH'
+    assert parse_response(b'* CAPABILITY IMAP4rev1\r\n').name == b'CAPABILITY'
+    assert parse_response(b'+ idling\r\n').kind == 'continuation'
+    assert parse_response(b'+\r\n').kind == 'continuation'
+    assert parse_response(b'a ok done\r\n').status == b'OK'
+
+
+def test_capability_filter():
+    caps = [b'IMAP4rev1', b'SASL-IR', b'LOGIN-REFERRALS', b'ID', b'ENABLE', b'IDLE',
+            b'STARTTLS', b'AUTH=PLAIN', b'auth=login', b'LOGINDISABLED', b'COMPRESS=DEFLATE',
+            b'UNSELECT', b'UNAUTHENTICATE', b'LITERAL+']
+    assert filter_capabilities(caps) == [b'IMAP4rev1', b'ID', b'ENABLE', b'IDLE',
+                                         b'UNSELECT', b'LITERAL+']
+    assert rewrite_capabilities(b'* CAPABILITY IMAP4rev1 STARTTLS COMPRESS=DEFLATE IDLE\r\n') \
+        == b'* CAPABILITY IMAP4rev1 IDLE\r\n'
+    assert rewrite_capabilities(b'a OK [CAPABILITY IMAP4rev1 AUTH=PLAIN MOVE] Logged in\r\n') \
+        == b'a OK [CAPABILITY IMAP4rev1 MOVE] Logged in\r\n'
+    assert rewrite_capabilities(b'* OK [UIDNEXT 4] x\r\n') == b'* OK [UIDNEXT 4] x\r\n'
+
+
+def test_quoting():
+    assert quote(b'a"b\\c') == b'"a\\"b\\\\c"'
+    assert astring(b'bob', False) == (b'"bob"', None)
+    assert astring(b'b\xc3\xb6b', False) == (b'{4}', b'b\xc3\xb6b')
+    assert astring(b'a\r\nb', True) == (b'{4+}', b'a\r\nb')
+    for value in (b'plain', b'with "quotes" and \\', b'', b'sp ace'):
+        text, literal = astring(value, False)
+        assert literal is None
+        assert parse_command(b't LOGIN ' + text + b' x\r\n').args[0] == value
