@@ -310,3 +310,65 @@ def test_backend_down_gives_unavailable(backend):
         assert proxy.cache.total == 0
     finally:
         proxy.stop(2)
+
+
+@pytest.mark.parametrize('leave_with', [
+    b'a APPEND INBOX {100}\r\nhalf of the literal',     # mid-literal
+    b'a IDLE\r\n',                                       # mid-IDLE
+    b'a ENABLE CONDSTORE\r\nb NOOP\r\n',                 # sticky state
+    b'a SELECT INBOX (CONDSTORE)\r\nb NOOP\r\n',         # implicit CONDSTORE
+], ids=['literal', 'idle', 'enable', 'condstore'])
+def test_doubtful_connections_are_closed_not_cached(dovecot, proxy_log, leave_with):
+    proxy = start_proxy(dovecot)
+    try:
+        user, password = dovecot.users[2]
+        with connect(proxy) as client:
+            client.login(user, password)
+            client.send(leave_with)
+            if b'NOOP' in leave_with:
+                client.read_until_tagged(b'b')
+            else:
+                client.readline()                        # "+ OK" / "+ idling"
+        with gevent.Timeout(5):
+            while proxy.cache.total:
+                gevent.sleep(0.05)
+        assert any('backend closed:' in line and 'not reusable' in line
+                   for line in proxy_log.lines)
+        with connect(proxy) as client:                   # the next login starts fresh
+            client.login(user, password)
+            assert client.command(b'c', b'SELECT INBOX')[1].startswith(b'c OK')
+            # With CONDSTORE on (RFC 7162 section 3.1), a flag change reports MODSEQ.
+            lines = client.command(b'd', b'STORE 1 +FLAGS (\\Flagged)')[0]
+            lines += client.command(b'e', b'STORE 1 -FLAGS (\\Flagged)')[0]
+            assert lines and not any(b'MODSEQ' in line for line in lines)
+    finally:
+        proxy.stop(2)
+
+
+def test_compress_is_refused(backend, proxy):
+    user, password = user_of(backend)
+    with connect(proxy) as client:
+        client.login(user, password)
+        assert client.command(b'a', b'COMPRESS DEFLATE')[1] == \
+            b'a NO Compression is not available.\r\n'
+        assert client.command(b'b', b'NOOP')[1].startswith(b'b OK')
+
+
+def test_cached_connection_dropped_when_server_goes_away():
+    from tests.backends import Pymap
+    from tests.conftest import Backend
+    with Pymap() as server:
+        backend = Backend('pymap', server, [('demouser', 'demopass')])
+        proxy = start_proxy(backend)
+        try:
+            with connect(proxy) as client:
+                client.login('demouser', 'demopass')
+                client.logout()
+            assert proxy.cache.cached_count == 1
+            server.stop()                                # EOF on the cached connection
+            with gevent.Timeout(5):
+                while proxy.cache.total:
+                    gevent.sleep(0.05)
+            assert proxy.counters['cached_died'] == 1
+        finally:
+            proxy.stop(2)
