@@ -34,6 +34,10 @@ MAX_DISCARD = 4 * 1024 * 1024
 RECV_SIZE = 65536
 LOGIN_TIMEOUT = 30.0        # Dovecot delays failed logins by up to 15 s (auth penalty)
 RESET_TIMEOUT = 10.0
+# A client that leaves mid-command: how much of the rest the proxy reads and drops to keep
+# the connection (R24). A 10 MB FETCH fits; a bigger one costs a new login instead.
+FINISH_BUDGET = 32 * 1024 * 1024
+FINISH_TIMEOUT = 10.0
 LOGOUT_TIMEOUT = 2.0
 
 
@@ -76,6 +80,10 @@ class BackendConnection:
         capabilities: the server's capability list as sent, post-login once logged in.
         login_text: the text of the server's tagged OK to the login, replayed on reuse.
         selected: True, False, or None when unknown: whether a mailbox may be selected.
+        profile: the sticky state the connection has, as the set of extension names
+            ENABLEd on it (RFC 5161; QRESYNC implies CONDSTORE). Part of the cache key.
+        enabled: the extension names the server listed in its `* ENABLED` replies.
+        notify: NOTIFY was used; the reset turns it off (RFC 5465 section 3.1).
         framer: the server-side Framer; the relay and the proxy's own commands share it, so
             a response half-read by one is finished by the other.
     """
@@ -89,6 +97,9 @@ class BackendConnection:
         self.capabilities: list[bytes] = []
         self.login_text = b'Logged in'
         self.selected: Optional[bool] = False
+        self.profile: frozenset = frozenset()
+        self.enabled: list[bytes] = []
+        self.notify = False
         self.created = time.monotonic()
         # Proxy-owned tags carry a random prefix that no client can guess, so a late
         # reply to a client command can never be taken for the proxy's own (R5).
@@ -237,35 +248,71 @@ class BackendConnection:
             BackendError: timeout, EOF, BYE, a foreign tag, or an unexpected answer.
         """
         with gevent.Timeout(RESET_TIMEOUT, BackendUnavailable('reset timeout')):
-            commands = [b'NOOP']
+            deselect = None
             if self.selected is not False:
                 caps = self.capability_set()
                 if b'UNSELECT' in caps or b'IMAP4REV2' in caps:
-                    commands.insert(0, b'UNSELECT')
+                    deselect = b'UNSELECT'
                 else:
-                    commands.insert(0, b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
-                                    + b'-no-such-mailbox"')
+                    deselect = (b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
+                                + b'-no-such-mailbox"')
+            # RFC 5465 section 3.1: NOTIFY settings last until the next NOTIFY (R28).
+            notify = b'NOTIFY NONE' if self.notify else None
+            commands = [command for command in (deselect, notify, b'NOOP') if command]
             tags = [self._next_tag() for _ in commands]
             self.send(b''.join(tag + b' ' + command + b'\r\n'
                                for tag, command in zip(tags, commands)))
-            replies = [self._read_tagged(tag)[0].status for tag in tags]
-            if replies[-1] != b'OK':
-                raise BackendError('NOOP answered %s' % printable(replies[-1]))
-            if len(commands) == 1:
-                return
-            if commands[0] == b'UNSELECT':
-                # BAD "no mailbox selected" is fine when we did not know (selected None).
-                if replies[0] != b'OK' and not (replies[0] == b'BAD' and self.selected is None):
-                    raise BackendError('UNSELECT answered %s' % printable(replies[0]))
-            elif replies[0] == b'OK':
-                # The name exists after all; it was opened read-only, so CLOSE expunges
-                # nothing.
-                response, _ = self._command(b'CLOSE')
-                if response.status != b'OK':
-                    raise BackendError('CLOSE answered %s' % printable(response.status))
-            elif replies[0] != b'NO':
-                raise BackendError('EXAMINE answered %s' % printable(replies[0]))
-            self.selected = False
+            replies = {command: self._read_tagged(tag)[0].status
+                       for tag, command in zip(tags, commands)}
+            for command in (notify, b'NOOP'):
+                if command and replies[command] != b'OK':
+                    raise BackendError('%s answered %s' % (printable(command),
+                                                           printable(replies[command])))
+            self.notify = False
+            if deselect:
+                self._check_deselect(deselect, replies[deselect])
+
+    def _check_deselect(self, command: bytes, status: bytes) -> None:
+        if command == b'UNSELECT':
+            # BAD "no mailbox selected" is fine when we did not know (selected is None).
+            if status != b'OK' and not (status == b'BAD' and self.selected is None):
+                raise BackendError('UNSELECT answered %s' % printable(status))
+        elif status == b'OK':
+            # The name exists after all; it was opened read-only, so CLOSE expunges nothing.
+            response, _ = self._command(b'CLOSE')
+            if response.status != b'OK':
+                raise BackendError('CLOSE answered %s' % printable(response.status))
+        elif status != b'NO':
+            raise BackendError('EXAMINE answered %s' % printable(status))
+        self.selected = False
+
+    def finish(self, tags: set[bytes]) -> None:
+        """Read and drop responses until every tag in `tags` has its tagged reply and no
+        response is half read: the rest of what a departed client started (R24).
+
+        Raises:
+            BackendError: more than FINISH_BUDGET bytes or FINISH_TIMEOUT seconds, a
+                continuation request (the server wants input nobody will send), a BYE, a
+                foreign tag, EOF.
+        """
+        budget = FINISH_BUDGET
+        with gevent.Timeout(FINISH_TIMEOUT, BackendUnavailable('finish timeout')):
+            while tags or not self.framer.at_boundary:
+                event = self._event()
+                budget -= len(event.data)
+                if budget < 0:
+                    raise BackendError('more than %d bytes to finish' % FINISH_BUDGET)
+                if isinstance(event, LiteralData) or not event.first:
+                    continue
+                response = parse_response(event.data)
+                if response.kind == 'tagged':
+                    if response.tag not in tags:
+                        raise BackendDesync('reply to a tag not in flight')
+                    tags.discard(response.tag)
+                elif response.kind == 'continuation':
+                    raise BackendError('server waits for input')
+                elif response.status == b'BYE':
+                    raise BackendUnavailable('server said BYE')
 
     def logout(self, reason: str) -> None:
         """Send LOGOUT, wait briefly for its reply, then close with `reason`. Never raises."""

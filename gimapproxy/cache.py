@@ -1,13 +1,16 @@
 """The connection cache: the only module that touches the dict and its semaphores.
 
 Every backend connection the proxy holds, active or cached, is an Entry in one plain dict,
-keyed by the identity it is logged in as. An Entry's semaphore is held by whoever uses it:
-a client session, or the expiry sweep while it logs the connection out. So two logins can
-never get the same connection, and a connection being expired is never handed out.
+keyed by the identity it is logged in as: (authzid, user), exact octets. An Entry's
+semaphore is held by whoever uses it: a client session, or the sweep while it logs the
+connection out. So two logins can never get the same connection, and a connection being
+expired is never handed out.
 
-A cached entry is handed out only to a login whose password verifier matches (R16-R18):
-HMAC-SHA256 under a random key made when the cache is created, compared in constant time
-(R17). A wrong password finds no match and leaves the cached entries alone (R19).
+A cached entry is handed out only to a login of the same identity whose password verifier
+matches (R16-R18): HMAC-SHA256 under a random key made when the cache is created, compared
+in constant time (R17). A wrong password finds no match and leaves the entries alone (R19).
+An entry also carries the sticky state (`profile`) its connection has, such as ENABLEd
+extensions; it is handed out only to a session that asks for exactly that state (R32).
 """
 from __future__ import annotations
 
@@ -22,52 +25,73 @@ from typing import Callable, Hashable, Optional
 import gevent
 from gevent.lock import BoundedSemaphore
 
-__all__ = ['ConnectionCache', 'Entry', 'CacheFull']
+__all__ = ['ConnectionCache', 'Entry', 'CacheFull', 'EMPTY_PROFILE']
 
 log = logging.getLogger('gimapproxy.cache')
 
+EMPTY_PROFILE: frozenset = frozenset()
+
 
 class CacheFull(Exception):
-    """Every slot holds an active connection; no new backend connection may be opened."""
+    """Every slot, globally or for this user, holds an active connection."""
 
 
 class Entry:
     """One backend connection in the cache.
 
-    `logout_time` is None while a session uses the connection, else the monotonic time
-    its last session ended.
+    `logout_time` is None while a session uses the connection, else the monotonic time its
+    last session ended. `auth_time` is when the server last checked the password.
+    `retired` is set when the user's password changed: the entry is not cached again.
     """
-    __slots__ = ('key', 'verifier', 'conn', 'lock', 'logout_time', 'watcher')
+    __slots__ = ('key', 'verifier', 'conn', 'lock', 'logout_time', 'auth_time', 'watcher',
+                 'retired')
 
-    def __init__(self, key: Hashable, verifier: bytes, conn) -> None:
+    def __init__(self, key: Hashable, verifier: bytes, conn, auth_time: float) -> None:
         self.key = key
         self.verifier = verifier
         self.conn = conn
         self.lock = BoundedSemaphore(1)
         self.logout_time: Optional[float] = None
+        self.auth_time = auth_time
         self.watcher = None
+        self.retired = False
 
     @property
     def cached(self) -> bool:
         return self.logout_time is not None
 
+    @property
+    def profile(self) -> frozenset:
+        """The connection's sticky state (see BackendConnection.profile)."""
+        return self.conn.profile
+
 
 class ConnectionCache:
-    """Backend connections by identity, with a global size limit and idle expiry.
+    """Backend connections by identity, with global and per-user limits and expiry.
 
-    `size` counts active plus cached connections plus logins in progress. `expiration`
-    is how long (seconds) a cached connection may wait for reuse. `on_dead(entry)` is
-    called when a cached connection's socket becomes readable (a BYE or EOF from the
-    server): the entry has already been removed, the callee closes the connection.
+    Args:
+        size: most connections in all, active plus cached plus logins in progress.
+        expiration: seconds a cached connection may wait for reuse.
+        per_user: most connections of one identity.
+        max_auth_age: seconds after its login that a connection may still be handed out.
+        clock: the monotonic clock, injectable for tests.
+
+    `on_dead(entry)` is called when a cached connection's socket becomes readable (a BYE
+    or EOF from the server): the entry has already been removed; the callee closes it.
     """
 
-    def __init__(self, size: int, expiration: float,
+    def __init__(self, size: int, expiration: float, per_user: int = 10,
+                 max_auth_age: float = 900.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.size = size
         self.expiration = expiration
+        self.per_user = per_user
+        self.max_auth_age = max_auth_age
         self.clock = clock
         self._hmac_key = os.urandom(32)
         self._entries: dict[Hashable, list[Entry]] = {}
+        # Logins in progress per identity, counted against the per-user limit.
+        self._pending: dict[Hashable, int] = {}
         # Cached entries in the order their sessions ended: the front is the least
         # recently used one, which both expiry and eviction take first.
         self._idle: dict[Entry, None] = {}
@@ -85,6 +109,10 @@ class ConnectionCache:
     def cached_count(self) -> int:
         return len(self._idle)
 
+    def user_count(self, key: Hashable) -> int:
+        """Connections of one identity: active, cached and logins in progress."""
+        return len(self._entries.get(key, ())) + self._pending.get(key, 0)
+
     def verifier(self, secret: bytes) -> bytes:
         """HMAC-SHA256 of the length-prefixed secret under this cache's random key (R17)."""
         return hmac.new(self._hmac_key, struct.pack('>I', len(secret)) + secret,
@@ -92,13 +120,17 @@ class ConnectionCache:
 
     # -- the login path ----------------------------------------------------------------
 
-    def checkout(self, key: Hashable, verifier: bytes) -> Optional[Entry]:
-        """Take a cached connection for `key` whose verifier matches, or return None.
+    def checkout(self, key: Hashable, verifier: bytes,
+                 profile: frozenset = EMPTY_PROFILE) -> Optional[Entry]:
+        """Take a cached connection of `key` with a matching verifier and exactly
+        `profile`, whose password check is younger than max_auth_age; or return None.
 
         The entry's semaphore is held by the caller until `release` or `discard`.
         """
+        oldest_auth = self.clock() - self.max_auth_age
         for entry in self._entries.get(key, ()):
-            if not entry.cached or not hmac.compare_digest(entry.verifier, verifier):
+            if (not entry.cached or entry.profile != profile or entry.auth_time <= oldest_auth
+                    or not hmac.compare_digest(entry.verifier, verifier)):
                 continue
             if not entry.lock.acquire(blocking=False):
                 continue
@@ -108,42 +140,74 @@ class ConnectionCache:
             return entry
         return None
 
-    def reserve(self) -> list[Entry]:
-        """Take a slot for a new backend connection.
+    def reserve(self, key: Hashable) -> list[Entry]:
+        """Take a slot for a new backend connection of `key`.
 
-        Returns the cached entries evicted to make room (least recently used first); the
-        caller closes their connections.
+        Returns the cached entries evicted to make room, least recently used first: the
+        user's own when the user is at `per_user`, anybody's when the cache is at `size`.
+        The caller closes their connections, and calls `add` or `unreserve` later.
 
         Raises:
-            CacheFull: every slot is active or reserved.
+            CacheFull: every slot, of the user or in all, is active or in a login.
         """
-        # Every entry in _idle is unlocked (whoever locks one removes it at once), so
-        # each idle entry can be evicted.
+        # Every entry in _idle is unlocked (whoever locks one removes it at once), so each
+        # can be evicted; what cannot be freed is the active ones and logins in progress.
+        own = [entry for entry in self._idle if entry.key == key]
+        if self.user_count(key) - len(own) >= self.per_user:
+            raise CacheFull('the user has %d connections in use' % self.per_user)
         if self._slots - len(self._idle) >= self.size:
             raise CacheFull('all %d backend connections are in use' % self.size)
         victims = []
+        while self.user_count(key) >= self.per_user:
+            victims.append(self._evict(own.pop(0)))
         while self._slots >= self.size:
-            victims.append(self._pop_oldest_idle())
+            victims.append(self._evict(next(iter(self._idle))))
         self._slots += 1
+        self._pending[key] = self._pending.get(key, 0) + 1
         return victims
 
-    def unreserve(self) -> None:
+    def unreserve(self, key: Hashable) -> None:
         """Give back a slot taken by `reserve` whose connection never came to be."""
         self._slots -= 1
+        self._unpend(key)
 
-    def add(self, key: Hashable, verifier: bytes, conn) -> Entry:
-        """Register a freshly logged-in connection in a reserved slot; it is active."""
-        entry = Entry(key, verifier, conn)
+    def add(self, key: Hashable, verifier: bytes, conn) -> tuple[Entry, list[Entry]]:
+        """Register a freshly logged-in connection in a reserved slot; it is active.
+
+        Entries of the same identity logged in with another password are retired (R20):
+        active ones will not be cached again; cached ones are removed and returned, with
+        the new entry, for the caller to close.
+        """
+        self._unpend(key)
+        entry = Entry(key, verifier, conn, self.clock())
         entry.lock.acquire()
-        self._entries.setdefault(key, []).append(entry)
-        return entry
+        siblings = self._entries.setdefault(key, [])
+        retired = []
+        for other in list(siblings):
+            if hmac.compare_digest(other.verifier, verifier):
+                continue
+            other.retired = True
+            if other.cached and other.lock.acquire(blocking=False):
+                self.discard(other)
+                retired.append(other)
+        siblings.append(entry)
+        return entry, retired
 
-    def release(self, entry: Entry) -> None:
-        """Cache an active entry whose connection is clean (its session ended)."""
+    def release(self, entry: Entry) -> bool:
+        """Cache an active entry whose connection is clean (its session ended).
+
+        Returns False, after removing the entry, when it may not be reused (its password
+        changed, or its password check is older than max_auth_age); the caller then
+        closes the connection.
+        """
+        if entry.retired or self.clock() - entry.auth_time >= self.max_auth_age:
+            self.discard(entry)
+            return False
         entry.logout_time = self.clock()
         self._idle[entry] = None
         self._watch(entry)
         entry.lock.release()
+        return True
 
     def discard(self, entry: Entry) -> None:
         """Forget an entry (active or cached); the caller closes its connection."""
@@ -159,35 +223,35 @@ class ConnectionCache:
     # -- maintenance ---------------------------------------------------------------------
 
     def expire_idle(self, now: Optional[float] = None) -> list[Entry]:
-        """Remove and return every cached entry idle for at least `expiration` seconds.
+        """Remove and return every cached entry idle for at least `expiration` seconds,
+        or whose password check is older than `max_auth_age`.
 
-        A pure step over the cache with an injectable clock; the caller logs the
-        returned connections out.
+        A pure step over the cache with an injectable clock; the caller logs the returned
+        connections out.
         """
         now = self.clock() if now is None else now
-        expired = []
-        for entry in list(self._idle):
-            if now - entry.logout_time < self.expiration:
-                break               # _idle is in logout order: the rest are younger
-            if entry.lock.acquire(blocking=False):
-                self.discard(entry)
-                expired.append(entry)
+        expired = [entry for entry in self._idle
+                   if now - entry.logout_time >= self.expiration
+                   or now - entry.auth_time >= self.max_auth_age]
+        for entry in expired:
+            self._evict(entry)
         return expired
 
     def drain(self) -> list[Entry]:
         """Remove and return every cached entry (shutdown, flush)."""
-        entries = []
-        for entry in list(self._idle):
-            if entry.lock.acquire(blocking=False):
-                self.discard(entry)
-                entries.append(entry)
-        return entries
+        return [self._evict(entry) for entry in list(self._idle)]
 
-    def _pop_oldest_idle(self) -> Entry:
-        entry = next(iter(self._idle))
+    def _evict(self, entry: Entry) -> Entry:
         entry.lock.acquire(blocking=False)
         self.discard(entry)
         return entry
+
+    def _unpend(self, key: Hashable) -> None:
+        left = self._pending.get(key, 0) - 1
+        if left > 0:
+            self._pending[key] = left
+        else:
+            self._pending.pop(key, None)
 
     # -- watching cached sockets (R30) -----------------------------------------------------
 

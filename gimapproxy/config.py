@@ -62,6 +62,15 @@ def _address(text: str) -> str:
                          % text) from None
 
 
+def _boolean(text: str) -> bool:
+    value = text.lower()
+    if value in ('yes', 'true', 'on', '1'):
+        return True
+    if value in ('no', 'false', 'off', '0'):
+        return False
+    raise ValueError('%r is not yes or no' % text)
+
+
 _LEVELS = ('debug', 'info', 'warning', 'error')
 
 
@@ -95,6 +104,16 @@ KEYS = (
     Key('cache_expiration_time', _seconds(0, 86400), '300',
         'Seconds a logged-out backend connection is kept for reuse. Keep it below the '
         'server\'s autologout (Dovecot: 30 minutes).'),
+    Key('max_auth_age', _seconds(0, 86400), '900',
+        'Seconds after the server last checked a user\'s password during which a cached '
+        'connection may still be handed out; reuse does not extend it (R21). A password '
+        'changed on the server stops working through the proxy after this long.'),
+    Key('max_connections_per_user', _integer(1, 10000), '10',
+        'Most backend connections of one user, active plus cached. Keep it at or below '
+        'the server\'s per-user limit (Dovecot: mail_max_userip_connections, 10).'),
+    Key('send_reuse_code', _boolean, 'no',
+        'Tell clients when they get a reused connection: [XPROXYREUSE] before the login '
+        'OK, and XIMAPPROXY in the pre-login capabilities (up-imapproxy\'s convention).'),
     Key('expiry_interval', _seconds(0.01, 3600), '60',
         'Seconds between sweeps that close expired cached connections.'),
     Key('connect_timeout', _seconds(0.01, 600), '10',
@@ -120,6 +139,9 @@ class ProxyConfig:
     server_port: int
     cache_size: int
     cache_expiration_time: float
+    max_auth_age: float
+    max_connections_per_user: int
+    send_reuse_code: bool
     expiry_interval: float
     connect_timeout: float
     shutdown_timeout: float

@@ -38,19 +38,31 @@ LOGOUT_WAIT = 60.0            # for replies to commands pipelined before LOGOUT
 WRITE_TIMEOUT = 60.0
 RECV_SIZE = 65536
 
-# Commands that leave state on the server connection that the next session must not
-# inherit (R14, R31): the connection is not cached after any of them.
-_STICKY_COMMANDS = frozenset((b'ENABLE', b'NOTIFY', b'LANGUAGE', b'COMPARATOR',
-                              b'LOGIN', b'AUTHENTICATE', b'PROXYAUTH', b'UNAUTHENTICATE',
-                              b'STARTTLS', b'COMPRESS'))
-# RFC 7162 section 3.1: these turn CONDSTORE on implicitly.
-_IMPLICIT_CONDSTORE = re.compile(rb'CONDSTORE|QRESYNC|MODSEQ|CHANGEDSINCE', re.IGNORECASE)
+# Commands after which the connection is never cached (R14, R31): identity changes, and
+# state that cannot be undone and is too rare to give its own place in the cache.
+_STICKY_COMMANDS = frozenset((b'LANGUAGE', b'COMPARATOR', b'LOGIN', b'AUTHENTICATE',
+                              b'PROXYAUTH', b'UNAUTHENTICATE', b'STARTTLS', b'COMPRESS'))
+# RFC 7162 section 3.1: CONDSTORE enabling commands (SELECT/EXAMINE (CONDSTORE), STATUS
+# HIGHESTMODSEQ, FETCH or SEARCH MODSEQ, CHANGEDSINCE, UNCHANGEDSINCE) turn it on without
+# ENABLE. A false match (a mailbox of that name) only costs the connection.
+_IMPLICIT_CONDSTORE = re.compile(
+    rb'\((?:CONDSTORE|QRESYNC)|\b(?:HIGHESTMODSEQ|MODSEQ|CHANGEDSINCE|UNCHANGEDSINCE)\b',
+    re.IGNORECASE)
 _SELECTING = frozenset((b'SELECT', b'EXAMINE'))
 _DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
 
 
 class BackendLost(Exception):
     """Thrown into the session greenlet by the pump when the server side ends."""
+
+
+def enable_profile(names) -> frozenset:
+    """The sticky state that ENABLE of `names` asks for, upper-cased; QRESYNC implies
+    CONDSTORE (RFC 7162 section 3.2.3)."""
+    profile = {name.upper() for name in names}
+    if b'QRESYNC' in profile:
+        profile.add(b'CONDSTORE')
+    return frozenset(profile)
 
 
 class Relay:
@@ -71,6 +83,9 @@ class Relay:
         self.quiet = Event()                          # set while nothing is in flight
         self.quiet.set()
         self.sticky: Optional[str] = None             # why the backend cannot be cached
+        self.enabling: dict[bytes, frozenset] = {}     # ENABLE tag -> names asked for
+        self.listed: list[bytes] = []                  # names in `* ENABLED` replies
+        self.forwarded = 0                             # commands sent to the server
         self.continuation_tag: Optional[bytes] = None  # IDLE/AUTHENTICATE owning lines
         self.literal_tag: Optional[bytes] = None      # command waiting for "+" to send
         self.client_lock = Semaphore()
@@ -85,10 +100,10 @@ class Relay:
         try:
             reason = self.pump_client()
             if reason != 'logout':
-                # The client left without LOGOUT: keep the backend only if it is clean
-                # (R24).
+                # The client left without LOGOUT: finish what it started and keep the
+                # backend if that leaves it clean (R24, R25).
                 self.stop_pump()
-                self.session.keep_backend(reason, self.doubt())
+                self.session.keep_backend(reason, self.settle())
             return reason
         except BackendLost:
             return 'backend ended: %s' % self.pump_error
@@ -105,6 +120,30 @@ class Relay:
             return 'command in flight'
         if not self.conn.framer.at_boundary:
             return 'response in progress'
+        return None
+
+    def settle(self) -> Optional[str]:
+        """After the client left: finish its commands in flight, discarding their output,
+        so that the connection can be kept. An IDLE gets its DONE (RFC 2177 section 3).
+        Returns why the connection cannot be kept, or None."""
+        if self.sticky:
+            return self.sticky
+        if self.framer.in_literal or self.literal_tag is not None:
+            return 'client left inside a literal'
+        names = set(self.inflight.values())
+        if b'AUTHENTICATE' in names or b'ENABLE' in names:
+            return 'client left inside %s' % b'/'.join(sorted(names)).decode()
+        if not self.inflight and self.conn.framer.at_boundary:
+            return None
+        try:
+            if self.continuation_tag is not None:
+                self.conn.send(b'DONE\r\n')
+            if names & (_SELECTING | _DESELECTING):
+                self.conn.selected = None
+            self.conn.finish(set(self.inflight))
+        except BackendError as exc:
+            return 'could not finish the commands in flight: %s' % exc.reason
+        self.inflight.clear()
         return None
 
     # -- client to server ---------------------------------------------------------------
@@ -140,6 +179,9 @@ class Relay:
                     if name == b'LOGOUT' and event.data[len(current) + 7:] in (b'\r\n', b'\n'):
                         self.flush(out)
                         return self.logout(current)
+                    if (name == b'ENABLE' and not self.forwarded and event.literal is None
+                            and self.take_enabled(current, event.data)):
+                        continue
                     if name == b'COMPRESS':
                         # R34: compression cannot be spliced into a cached connection.
                         self.flush(out)
@@ -161,13 +203,39 @@ class Relay:
         if name == b'UID':
             name = b'UID ' + (command_head(line[len(tag) + 1:])[1] or b'')
         self.inflight[tag] = name or b''
+        self.forwarded += 1
         self.quiet.clear()
         if name in (b'IDLE', b'AUTHENTICATE'):
             self.continuation_tag = tag
-        if name in _STICKY_COMMANDS:
+        if name == b'ENABLE':
+            self.enabling[tag] = enable_profile(line.split()[2:])
+        elif name == b'NOTIFY':
+            self.conn.notify = True
+        elif name in _STICKY_COMMANDS:
             self.sticky = self.sticky or name.decode().lower()
-        elif _IMPLICIT_CONDSTORE.search(line):
+        elif (_IMPLICIT_CONDSTORE.search(line) and b'CONDSTORE' not in self.conn.profile):
             self.sticky = self.sticky or 'implicit condstore'
+
+    def take_enabled(self, tag: bytes, line: bytes) -> bool:
+        """Serve a session's first command, ENABLE, from a cached connection that has
+        exactly that state (R32, R33). Returns False when there is none: the ENABLE then
+        goes to the server as usual and the connection takes the state on."""
+        profile = enable_profile(line.split()[2:])
+        if self.conn.profile or not profile:
+            return False
+        entry = self.session.checkout(profile)
+        if entry is None:
+            return False
+        self.stop_pump()
+        old = self.conn.id
+        self.session.swap_backend(entry, self.doubt())
+        self.conn = entry.conn
+        self.session.send(b'* ENABLED ' + b' '.join(self.conn.enabled) + b'\r\n'
+                          + tag + b' OK Enabled.\r\n')
+        log.info('enable: id=%s backend=%s result=reused replaced=%s', self.id,
+                 self.conn.id, old)
+        self.pump = gevent.spawn(self.pump_server, gevent.getcurrent())
+        return True
 
     def flush(self, out: list) -> None:
         """Send the collected client bytes to the server in one write."""
@@ -250,6 +318,8 @@ class Relay:
         """
         first = line[:1]
         if first == b'*':
+            if self.enabling and line[2:10].upper() == b'ENABLED ':
+                self.listed.extend(line.split()[2:])
             if b'CAPABILITY' in line[:60].upper():
                 return rewrite_capabilities(line)
             return line
@@ -266,6 +336,8 @@ class Relay:
             self.literal_tag = None
         if response.tag == self.continuation_tag:
             self.continuation_tag = None
+        if name == b'ENABLE':
+            self.record_enabled(self.enabling.pop(response.tag), response.status)
         if name in _SELECTING:
             # RFC 3501 section 6.3.1: a failed SELECT leaves no mailbox selected.
             self.conn.selected = {b'OK': True, b'NO': False}.get(response.status)
@@ -274,6 +346,18 @@ class Relay:
         if response.code and response.code[:11].upper() == b'CAPABILITY ':
             return rewrite_capabilities(line)
         return line
+
+    def record_enabled(self, profile: frozenset, status: bytes) -> None:
+        """Add what an answered ENABLE turned on to the connection's profile (R31)."""
+        if status != b'OK':
+            self.sticky = self.sticky or 'enable failed'
+            return
+        conn = self.conn
+        conn.profile = conn.profile | profile
+        conn.enabled = conn.enabled + [name for name in self.listed
+                                       if name.upper() not in map(bytes.upper, conn.enabled)]
+        if not self.enabling:
+            self.listed = []
 
     # -- the end -----------------------------------------------------------------------------
 

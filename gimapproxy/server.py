@@ -38,7 +38,8 @@ class ProxyServer(StreamServer):
 
     def __init__(self, config: ProxyConfig, listener=None) -> None:
         self.config = config
-        self.cache = ConnectionCache(config.cache_size, config.cache_expiration_time)
+        self.cache = ConnectionCache(config.cache_size, config.cache_expiration_time,
+                                     config.max_connections_per_user, config.max_auth_age)
         self.cache.on_dead = self._cached_connection_died
         self.counters: collections.Counter = collections.Counter()
         self._ids = itertools.count(1)
@@ -89,11 +90,15 @@ class ProxyServer(StreamServer):
         """Log out every cached connection idle for `cache_expiration_time`; return how
         many. The logouts run in their own greenlets so that a stuck server cannot hold
         up the sweep."""
+        now = self.cache.clock() if now is None else now
         entries = self.cache.expire_idle(now)
         for entry in entries:
             self.counters['expired'] += 1
-            gevent.spawn(entry.conn.logout, 'expired: idle for %ds'
-                         % self.config.cache_expiration_time)
+            if now - entry.logout_time >= self.config.cache_expiration_time:
+                reason = 'expired: idle for %ds' % (now - entry.logout_time)
+            else:
+                reason = 'expired: password checked %ds ago' % (now - entry.auth_time)
+            gevent.spawn(entry.conn.logout, reason)
         return len(entries)
 
     def _cached_connection_died(self, entry) -> None:

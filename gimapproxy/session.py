@@ -18,7 +18,7 @@ import gevent
 from gevent import socket
 
 from .backend import BackendConnection, BackendError, LoginRefused
-from .cache import CacheFull, Entry
+from .cache import EMPTY_PROFILE, CacheFull, Entry
 from .logfmt import printable
 from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError, parse_command,
                        tag_of)
@@ -64,8 +64,12 @@ class ClientSession:
         self.sock = sock
         self.peer = '%s:%s' % (address[0], address[1]) if address else '-'
         self.framer = Framer(PRELOGIN_MAX_LINE)
+        self.capabilities = PRELOGIN_CAPABILITIES + (
+            b' XIMAPPROXY' if self.config.send_reuse_code else b'')
         self.bad_commands = 0
         self.user: Optional[bytes] = None
+        self.key: Optional[tuple] = None          # (authzid, user) once LOGIN is parsed
+        self.verifier = b''
         self.entry: Optional[Entry] = None
 
     # -- the story -----------------------------------------------------------------------
@@ -76,7 +80,7 @@ class ClientSession:
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             log.info('client connected: id=%s peer=%s', self.id, self.peer)
-            self.send(b'* OK [CAPABILITY ' + PRELOGIN_CAPABILITIES + b'] gimapproxy ready.\r\n')
+            self.send(b'* OK [CAPABILITY ' + self.capabilities + b'] gimapproxy ready.\r\n')
             if self.authenticate():
                 reason = Relay(self).run()
         except SessionEnd as end:
@@ -168,7 +172,7 @@ class ClientSession:
         self.send((tag or b'*') + b' ' + status + b' ' + text + b'\r\n')
 
     def handle_capability(self, command, deadline) -> bool:
-        self.send(b'* CAPABILITY ' + PRELOGIN_CAPABILITIES + b'\r\n'
+        self.send(b'* CAPABILITY ' + self.capabilities + b'\r\n'
                   + command.tag + b' OK Capability completed.\r\n')
         return False
 
@@ -266,19 +270,13 @@ class ClientSession:
 
         Returns True when logged in; False after relaying a refusal.
         """
-        key = (authzid, user)
-        verifier = self.cache.verifier(password)
+        self.key = (authzid, user)
+        self.verifier = self.cache.verifier(password)
         started = time.monotonic()
-        entry = self.cache.checkout(key, verifier)
-        while entry is not None and entry.conn.has_input():
-            # Not one stale byte may reach the new client (R30): the server spoke while the
-            # connection sat in the cache (a BYE, most likely) and the watcher has not run.
-            self.cache.discard(entry)
-            entry.conn.close('server spoke while cached')
-            entry = self.cache.checkout(key, verifier)
+        entry = self.checkout(EMPTY_PROFILE)
         result = 'reused'
         if entry is None:
-            entry = self.open_backend(tag, key, verifier, authzid, user, password)
+            entry = self.open_backend(tag, authzid, user, password)
             if entry is None:
                 return False
             result = 'new'
@@ -286,24 +284,41 @@ class ClientSession:
         self.user = user
         conn = entry.conn
         self.server.count('login_' + result)
-        self.send(tag + b' OK [CAPABILITY ' + conn.client_capabilities() + b'] '
+        reuse = b''
+        if result == 'reused' and self.config.send_reuse_code:
+            # R36: the connection has exactly the state its last session left (none).
+            reuse = b'* OK [XPROXYREUSE] IMAP connection reused by gimapproxy\r\n'
+        self.send(reuse + tag + b' OK [CAPABILITY ' + conn.client_capabilities() + b'] '
                   + conn.login_text + b'\r\n')
         log.info('login: id=%s user=%s method=%s backend=%s result=%s peer=%s time=%.1fms',
                  self.id, printable(user), method, conn.id, result, self.peer,
                  (time.monotonic() - started) * 1000)
         return True
 
-    def open_backend(self, tag, key, verifier, authzid, user, password) -> Optional[Entry]:
+    def checkout(self, profile: frozenset) -> Optional[Entry]:
+        """A cached connection for this session's identity and password with exactly
+        `profile`, or None."""
+        while True:
+            entry = self.cache.checkout(self.key, self.verifier, profile)
+            if entry is None or not entry.conn.has_input():
+                return entry
+            # Not one stale byte may reach the new client (R30): the server spoke while the
+            # connection sat in the cache (a BYE, most likely) and the watcher has not run.
+            self.cache.discard(entry)
+            entry.conn.close('server spoke while cached')
+
+    def open_backend(self, tag, authzid, user, password) -> Optional[Entry]:
         """Connect and log in a new backend connection; None after telling the client no."""
         try:
-            victims = self.cache.reserve()
+            victims = self.cache.reserve(self.key)
         except CacheFull as exc:
             self.server.count('login_failed')
             log.warning('login failed: id=%s user=%s reason=%s', self.id, printable(user), exc)
             self.send(tag + b' NO [UNAVAILABLE] Too many connections, try again later.\r\n')
             return None
         for victim in victims:
-            gevent.spawn(victim.conn.logout, 'evicted: cache full')
+            gevent.spawn(victim.conn.logout, 'evicted: %s' % (
+                'user limit' if victim.key == self.key else 'cache full'))
         conn = None
         try:
             conn = BackendConnection.connect(self.config.server_hostname,
@@ -312,7 +327,7 @@ class ClientSession:
                                              self.server.next_id('b'))
             conn.login(authzid, user, password)
         except LoginRefused as refused:
-            self.cache.unreserve()
+            self.cache.unreserve(self.key)
             conn.close('login refused', quiet=True)
             response = refused.response
             code = b'[' + response.code + b'] ' if response.code else b''
@@ -325,7 +340,7 @@ class ClientSession:
                       + b'\r\n')
             return None
         except BackendError as exc:
-            self.cache.unreserve()
+            self.cache.unreserve(self.key)
             if conn is not None:
                 conn.close(exc.reason)
             self.server.count('login_failed')
@@ -334,11 +349,15 @@ class ClientSession:
             self.send(tag + b' NO [UNAVAILABLE] Server unavailable, try again later.\r\n')
             return None
         except BaseException:
-            self.cache.unreserve()
+            self.cache.unreserve(self.key)
             if conn is not None:
                 conn.close('login interrupted')
             raise
-        return self.cache.add(key, verifier, conn)
+        entry, retired = self.cache.add(self.key, self.verifier, conn)
+        for old in retired:
+            # R20: the server accepted another password, so the old one may be wrong now.
+            gevent.spawn(old.conn.logout, 'password changed')
+        return entry
 
     # -- the backend connection's fate --------------------------------------------------------
 
@@ -358,8 +377,25 @@ class ClientSession:
             self.drop_backend('unsolicited data after reset')
             return
         self.entry = None
-        self.cache.release(entry)
-        log.debug('backend cached: id=%s backend=%s', self.id, conn.id)
+        self.release(entry)
+
+    def swap_backend(self, entry: Entry, doubt: Optional[str]) -> None:
+        """Give the session `entry` instead of its current backend connection, which goes
+        back to the cache untouched (nothing was sent on it) unless `doubt` says why not."""
+        old, self.entry = self.entry, entry
+        if doubt is not None:
+            self.cache.discard(old)
+            old.conn.close('not reusable after swap: %s' % doubt)
+        else:
+            self.release(old)
+
+    def release(self, entry: Entry) -> None:
+        """Put a clean connection back in the cache, or log it out when it may not be
+        reused any more (R20, R21)."""
+        if self.cache.release(entry):
+            log.debug('backend cached: id=%s backend=%s', self.id, entry.conn.id)
+        else:
+            entry.conn.logout('password changed' if entry.retired else 'max_auth_age reached')
 
     def drop_backend(self, reason: str) -> None:
         """Forget and close the session's backend connection, logging `reason`."""

@@ -12,6 +12,7 @@ class FakeConn:
         self.name = name
         self.sock, self.peer = socket.socketpair()
         self.closed = None
+        self.profile = frozenset()
 
     def close(self, reason):
         self.closed = reason
@@ -33,8 +34,10 @@ def clock():
 
 def login(cache, key, password, name):
     """What a session does on a miss: reserve, connect (faked), add."""
-    victims = cache.reserve()
-    return cache.add(key, cache.verifier(password), FakeConn(name)), victims
+    victims = cache.reserve(key)
+    entry, retired = cache.add(key, cache.verifier(password), FakeConn(name))
+    assert retired == []
+    return entry, victims
 
 
 def test_verifier_is_keyed_and_length_prefixed():
@@ -46,7 +49,7 @@ def test_verifier_is_keyed_and_length_prefixed():
 
 
 def test_checkout_needs_key_and_verifier(clock):
-    cache = ConnectionCache(5, 60, clock)
+    cache = ConnectionCache(5, 60, clock=clock)
     entry, _ = login(cache, ('', b'alice'), b'pw', 'a')
     assert cache.checkout(('', b'alice'), cache.verifier(b'pw')) is None   # still active
     cache.release(entry)
@@ -60,7 +63,7 @@ def test_checkout_needs_key_and_verifier(clock):
 
 
 def test_two_entries_for_one_user(clock):
-    cache = ConnectionCache(5, 60, clock)
+    cache = ConnectionCache(5, 60, clock=clock)
     first, _ = login(cache, 'k', b'pw', 'a')
     second, _ = login(cache, 'k', b'pw', 'b')
     cache.release(first)
@@ -71,7 +74,7 @@ def test_two_entries_for_one_user(clock):
 
 
 def test_expire_idle_with_a_fake_clock(clock):
-    cache = ConnectionCache(5, 60, clock)
+    cache = ConnectionCache(5, 60, clock=clock)
     old, _ = login(cache, 'old', b'pw', 'a')
     cache.release(old)
     clock.now += 30
@@ -88,7 +91,7 @@ def test_expire_idle_with_a_fake_clock(clock):
 
 
 def test_size_limit_evicts_least_recently_used(clock):
-    cache = ConnectionCache(2, 60, clock)
+    cache = ConnectionCache(2, 60, clock=clock)
     first, _ = login(cache, 'a', b'pw', 'a')
     second, _ = login(cache, 'b', b'pw', 'b')
     cache.release(first)
@@ -100,15 +103,15 @@ def test_size_limit_evicts_least_recently_used(clock):
     # Both remaining slots are active or reserved: no room.
     assert cache.checkout('b', cache.verifier(b'pw')) is second
     with pytest.raises(CacheFull):
-        cache.reserve()
+        cache.reserve('d')
     cache.discard(third)
-    cache.reserve()
-    cache.unreserve()
+    cache.reserve('d')
+    cache.unreserve('d')
     assert cache.total == 1
 
 
 def test_cached_socket_that_speaks_is_dropped(clock):
-    cache = ConnectionCache(5, 60, clock)
+    cache = ConnectionCache(5, 60, clock=clock)
     dead = []
     cache.on_dead = dead.append
     entry, _ = login(cache, 'k', b'pw', 'a')
@@ -122,7 +125,7 @@ def test_cached_socket_that_speaks_is_dropped(clock):
 
 
 def test_checked_out_socket_is_not_watched(clock):
-    cache = ConnectionCache(5, 60, clock)
+    cache = ConnectionCache(5, 60, clock=clock)
     dead = []
     cache.on_dead = dead.append
     entry, _ = login(cache, 'k', b'pw', 'a')
