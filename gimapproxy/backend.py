@@ -83,7 +83,6 @@ class BackendConnection:
         profile: the sticky state the connection has, as the set of extension names
             ENABLEd on it (RFC 5161; QRESYNC implies CONDSTORE). Part of the cache key.
         enabled: the extension names the server listed in its `* ENABLED` replies.
-        notify: NOTIFY was used; the reset turns it off (RFC 5465 section 3.1).
         framer: the server-side Framer; the relay and the proxy's own commands share it, so
             a response half-read by one is finished by the other.
     """
@@ -99,7 +98,6 @@ class BackendConnection:
         self.selected: Optional[bool] = False
         self.profile: frozenset = frozenset()
         self.enabled: list[bytes] = []
-        self.notify = False
         self.created = time.monotonic()
         # Proxy-owned tags carry a random prefix that no client can guess, so a late
         # reply to a client command can never be taken for the proxy's own (R5).
@@ -256,19 +254,14 @@ class BackendConnection:
                 else:
                     deselect = (b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
                                 + b'-no-such-mailbox"')
-            # RFC 5465 section 3.1: NOTIFY settings last until the next NOTIFY (R28).
-            notify = b'NOTIFY NONE' if self.notify else None
-            commands = [command for command in (deselect, notify, b'NOOP') if command]
+            commands = [command for command in (deselect, b'NOOP') if command]
             tags = [self._next_tag() for _ in commands]
             self.send(b''.join(tag + b' ' + command + b'\r\n'
                                for tag, command in zip(tags, commands)))
             replies = {command: self._read_tagged(tag)[0].status
                        for tag, command in zip(tags, commands)}
-            for command in (notify, b'NOOP'):
-                if command and replies[command] != b'OK':
-                    raise BackendError('%s answered %s' % (printable(command),
-                                                           printable(replies[command])))
-            self.notify = False
+            if replies[b'NOOP'] != b'OK':
+                raise BackendError('NOOP answered %s' % printable(replies[b'NOOP']))
             if deselect:
                 self._check_deselect(deselect, replies[deselect])
 

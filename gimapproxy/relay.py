@@ -40,8 +40,12 @@ RECV_SIZE = 65536
 
 # Commands after which the connection is never cached (R14, R31): identity changes, and
 # state that cannot be undone and is too rare to give its own place in the cache.
-_STICKY_COMMANDS = frozenset((b'LANGUAGE', b'COMPARATOR', b'LOGIN', b'AUTHENTICATE',
-                              b'PROXYAUTH', b'UNAUTHENTICATE', b'STARTTLS', b'COMPRESS'))
+# NOTIFY is one: NOTIFY NONE (R28) is not the state of a fresh login. Dovecot 2.3 then
+# stops even the FETCH replies to STORE, which a fresh session gets (RFC 5465 section
+# 3.1; tests/test_isolation.py shows it).
+_STICKY_COMMANDS = frozenset((b'NOTIFY', b'LANGUAGE', b'COMPARATOR', b'LOGIN',
+                              b'AUTHENTICATE', b'PROXYAUTH', b'UNAUTHENTICATE', b'STARTTLS',
+                              b'COMPRESS'))
 # RFC 7162 section 3.1: CONDSTORE enabling commands (SELECT/EXAMINE (CONDSTORE), STATUS
 # HIGHESTMODSEQ, FETCH or SEARCH MODSEQ, CHANGEDSINCE, UNCHANGEDSINCE) turn it on without
 # ENABLE. A false match (a mailbox of that name) only costs the connection.
@@ -209,8 +213,6 @@ class Relay:
             self.continuation_tag = tag
         if name == b'ENABLE':
             self.enabling[tag] = enable_profile(line.split()[2:])
-        elif name == b'NOTIFY':
-            self.conn.notify = True
         elif name in _STICKY_COMMANDS:
             self.sticky = self.sticky or name.decode().lower()
         elif (_IMPLICIT_CONDSTORE.search(line) and b'CONDSTORE' not in self.conn.profile):

@@ -134,3 +134,68 @@ def test_checked_out_socket_is_not_watched(clock):
     entry.conn.peer.sendall(b'* 3 EXISTS\r\n')           # normal traffic for its session
     gevent.sleep(0.1)
     assert dead == []
+
+
+def test_profile_is_part_of_the_key(clock):
+    cache = ConnectionCache(5, 60, clock=clock)
+    entry, _ = login(cache, 'k', b'pw', 'a')
+    entry.conn.profile = frozenset({b'QRESYNC', b'CONDSTORE'})
+    cache.release(entry)
+    assert cache.checkout('k', cache.verifier(b'pw')) is None            # plain login
+    assert cache.checkout('k', cache.verifier(b'pw'), frozenset({b'CONDSTORE'})) is None
+    assert cache.checkout('k', cache.verifier(b'pw'),
+                          frozenset({b'QRESYNC', b'CONDSTORE'})) is entry
+
+
+def test_per_user_limit_evicts_the_users_oldest(clock):
+    cache = ConnectionCache(100, 60, per_user=2, clock=clock)
+    first, _ = login(cache, 'k', b'pw', 'a')
+    second, _ = login(cache, 'k', b'pw', 'b')
+    other, _ = login(cache, 'other', b'pw', 'c')
+    with pytest.raises(CacheFull, match='user'):
+        cache.reserve('k')                        # both active
+    cache.release(other)
+    cache.release(second)
+    clock.now += 1
+    cache.release(first)
+    third, victims = login(cache, 'k', b'pw', 'd')
+    assert victims == [second]                    # the user's least recently used one
+    assert cache.user_count('k') == 2 and cache.user_count('other') == 1
+
+
+def test_login_in_progress_counts_for_the_user(clock):
+    cache = ConnectionCache(100, 60, per_user=1, clock=clock)
+    cache.reserve('k')
+    with pytest.raises(CacheFull):
+        cache.reserve('k')
+    cache.unreserve('k')
+    cache.reserve('k')
+
+
+def test_new_password_retires_the_old_ones(clock):
+    cache = ConnectionCache(100, 60, clock=clock)
+    cached, _ = login(cache, 'k', b'old', 'a')
+    active, _ = login(cache, 'k', b'old', 'b')
+    cache.release(cached)
+    cache.reserve('k')
+    entry, retired = cache.add('k', cache.verifier(b'new'), FakeConn('c'))
+    assert retired == [cached]                    # the caller closes it
+    assert cache.release(active) is False         # not cached again (R20)
+    assert cache.release(entry) is True
+    assert cache.total == 1
+
+
+def test_max_auth_age_is_not_extended_by_reuse(clock):
+    cache = ConnectionCache(100, 10000, max_auth_age=100, clock=clock)
+    entry, _ = login(cache, 'k', b'pw', 'a')
+    for _ in range(3):
+        clock.now += 30
+        cache.release(entry)
+        assert cache.checkout('k', cache.verifier(b'pw')) is entry
+    clock.now += 10                               # 100 s since the password check
+    assert cache.release(entry) is False
+    entry, _ = login(cache, 'k', b'pw', 'b')
+    cache.release(entry)
+    clock.now += 100
+    assert cache.checkout('k', cache.verifier(b'pw')) is None
+    assert cache.expire_idle() == [entry]
