@@ -232,7 +232,13 @@ class Relay:
         old = self.conn.id
         self.session.swap_backend(entry, self.doubt())
         self.conn = entry.conn
-        self.session.send(b'* ENABLED ' + b' '.join(self.conn.enabled) + b'\r\n'
+        # Answer as the server answered this ENABLE on a fresh connection: the names
+        # asked for that it turned on (QRESYNC brings CONDSTORE along).
+        on = {name.upper() for name in self.conn.enabled}
+        if b'QRESYNC' in on:
+            on.add(b'CONDSTORE')
+        names = [name for name in line.split()[2:] if name.upper() in on]
+        self.session.send(b' '.join([b'* ENABLED'] + names) + b'\r\n'
                           + tag + b' OK Enabled.\r\n')
         log.info('enable: id=%s backend=%s result=reused replaced=%s', self.id,
                  self.conn.id, old)
