@@ -60,6 +60,10 @@ class BackendLost(Exception):
     """Thrown into the session greenlet by the pump when the server side ends."""
 
 
+class ClientLost(Exception):
+    """Thrown into the session greenlet by the pump when it cannot write to the client."""
+
+
 def enable_profile(names) -> frozenset:
     """The sticky state that ENABLE of `names` asks for, upper-cased; QRESYNC implies
     CONDSTORE (RFC 7162 section 3.2.3)."""
@@ -90,11 +94,13 @@ class Relay:
         self.enabling: dict[bytes, frozenset] = {}     # ENABLE tag -> names asked for
         self.listed: list[bytes] = []                  # names in `* ENABLED` replies
         self.forwarded = 0                             # commands sent to the server
+        self.sending = False                           # a write to the server under way
         self.continuation_tag: Optional[bytes] = None  # IDLE/AUTHENTICATE owning lines
         self.literal_tag: Optional[bytes] = None      # command waiting for "+" to send
         self.client_lock = Semaphore()
         self.pump: Optional[gevent.Greenlet] = None
         self.pump_error: Optional[str] = None
+        self.server_bye = False                        # the server's BYE was relayed
         self.last_activity = time.monotonic()
 
     def run(self) -> str:
@@ -102,7 +108,10 @@ class Relay:
         self.framer.max_line = MAX_COMMAND_LINE
         self.pump = gevent.spawn(self.pump_server, gevent.getcurrent())
         try:
-            reason = self.pump_client()
+            try:
+                reason = self.pump_client()
+            except ClientLost:
+                reason = 'client gone: %s' % self.pump_error
             if reason != 'logout':
                 # The client left without LOGOUT: finish what it started and keep the
                 # backend if that leaves it clean (R24, R25).
@@ -110,6 +119,9 @@ class Relay:
                 self.session.keep_backend(reason, self.settle())
             return reason
         except BackendLost:
+            if not self.server_bye:
+                # The client must not wait for replies that will never come.
+                self.send_local(b'* BYE Server connection lost.\r\n')
             return 'backend ended: %s' % self.pump_error
         except BackendError as exc:
             return 'backend ended: %s' % exc.reason
@@ -132,6 +144,8 @@ class Relay:
         Returns why the connection cannot be kept, or None."""
         if self.sticky:
             return self.sticky
+        if self.sending:
+            return 'client left while its command was being sent'
         if self.framer.in_literal or self.literal_tag is not None:
             return 'client left inside a literal'
         names = set(self.inflight.values())
@@ -248,7 +262,9 @@ class Relay:
     def flush(self, out: list) -> None:
         """Send the collected client bytes to the server in one write."""
         if out:
+            self.sending = True
             self.conn.send(b''.join(out) if len(out) > 1 else out[0])
+            self.sending = False
             out.clear()
             self.last_activity = time.monotonic()
 
@@ -278,6 +294,7 @@ class Relay:
         """
         framer = self.conn.framer
         holding = False
+        wake = BackendLost
         try:
             while True:
                 out = []
@@ -308,7 +325,9 @@ class Relay:
         except (BackendError, ProtocolError) as exc:
             self.pump_error = getattr(exc, 'reason', None) or str(exc)
         except OSError as exc:
-            self.pump_error = 'client write failed: %s' % (exc.strerror or exc)
+            # The client is gone; its commands may still be finished (R24).
+            self.pump_error = 'write failed: %s' % (exc.strerror or exc)
+            wake = ClientLost
         except Exception:
             self.pump_error = 'internal error'
             log.exception('relay failed: id=%s', self.id)
@@ -316,7 +335,7 @@ class Relay:
             if holding:
                 self.client_lock.release()
         # Reached only when the pump ends on its own: wake the session greenlet.
-        gevent.kill(session, BackendLost, block=False)
+        session.kill(wake, block=False)
 
     def on_response(self, line: bytes) -> bytes:
         """Note what the first line of a server response means; return it for the client.
@@ -326,6 +345,8 @@ class Relay:
         """
         first = line[:1]
         if first == b'*':
+            if line[2:6].upper() == b'BYE ':
+                self.server_bye = True
             if self.enabling and line[2:10].upper() == b'ENABLED ':
                 self.listed.extend(line.split()[2:])
             if b'CAPABILITY' in line[:60].upper():

@@ -8,6 +8,8 @@ from gevent import monkey
 monkey.patch_all()
 
 import logging  # noqa: E402
+
+import gevent  # noqa: E402
 import os  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -95,6 +97,23 @@ class SecretWatch(logging.Handler):
 
     def emit(self, record):
         self.lines.append(self.format(record))
+
+
+@pytest.fixture(autouse=True)
+def greenlet_errors():
+    """No greenlet may die of an exception during a test: gevent only prints those."""
+    hub = gevent.get_hub()
+    errors = []
+    original = hub.handle_error
+
+    def handle_error(context, kind, value, tb):
+        if kind is not None and not issubclass(kind, hub.NOT_ERROR):
+            errors.append('%s: %r' % (context, value))
+        return original(context, kind, value, tb)
+    hub.handle_error = handle_error
+    yield errors
+    hub.handle_error = original
+    assert not errors, errors
 
 
 @pytest.fixture(autouse=True)

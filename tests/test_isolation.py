@@ -305,3 +305,50 @@ def test_reuse_code_when_configured(dovecot):
             assert lines == [b'* OK [XPROXYREUSE] IMAP connection reused by gimapproxy\r\n']
     finally:
         proxy.stop(2)
+
+
+def test_reply_to_a_tag_not_in_flight_closes_the_connection(proxy_log):
+    """R4: a server reply with a tag the client never sent means the streams are out of
+    step; that connection is closed, never cached. Only a fake server does this."""
+    from tests.conftest import Backend
+    from tests.fakeimap import FakeImap
+    fake = FakeImap({b'FETCH': lambda tag: b'zz9 OK not yours\r\n' + tag + b' OK done\r\n'})
+    fake.start()
+    proxy = start_proxy(Backend('fake', fake))
+    try:
+        with session(proxy, 'someone', 'pw') as client:
+            client.send(b'a FETCH 1 (FLAGS)\r\n')
+            data = client.read_eof()
+        assert b'zz9' not in data and data == b'* BYE Server connection lost.\r\n'
+        with gevent.Timeout(5):
+            while proxy.cache.total:
+                gevent.sleep(0.02)
+        assert any('reply to a tag not in flight' in line for line in proxy_log.lines)
+        with session(proxy, 'someone', 'pw') as client:
+            client.logout()
+        assert fake.logins == 2, 'the desynchronized connection must not be reused'
+    finally:
+        proxy.stop(2)
+        fake.stop()
+
+
+@ROUNDS
+def test_identity_change_is_never_cached(iso, round_, proxy_log):
+    backend, proxy = iso
+    user, password = account(backend, 1)
+    with session(proxy, user, password) as client:
+        client.command(b'a', b'LOGIN "%s" "%s"' % (user.encode(), password.encode()))
+        client.logout()
+    assert any('not reusable after logout: login' in line for line in proxy_log.lines)
+
+
+def test_relayed_capabilities_are_filtered(iso):
+    backend, proxy = iso
+    user, password = account(backend, 2)
+    with session(proxy, user, password) as client:
+        lines, tagged = client.command(b'a', b'CAPABILITY')
+        caps = lines[0].split()[2:]
+        assert caps and b'IMAP4rev1' in caps
+        assert not [cap for cap in caps if cap.upper().startswith((b'AUTH=', b'COMPRESS'))
+                    or cap.upper() in (b'STARTTLS', b'SASL-IR', b'LOGINDISABLED')]
+        client.logout()

@@ -371,3 +371,21 @@ def test_cached_connection_dropped_when_server_goes_away():
             assert proxy.counters['cached_died'] == 1
         finally:
             proxy.stop(2)
+
+
+def test_server_gone_mid_session_gives_bye():
+    from tests.backends import Pymap
+    from tests.conftest import Backend
+    with Pymap() as server:
+        proxy = start_proxy(Backend('pymap', server))
+        try:
+            with connect(proxy) as client:
+                client.login('demouser', 'demopass')
+                client.command(b'a', b'SELECT INBOX')
+                server.stop()
+                with gevent.Timeout(5):
+                    data = client.read_eof()
+                assert data.startswith(b'* BYE ') and data.endswith(b'\r\n')
+            assert proxy.cache.total == 0
+        finally:
+            proxy.stop(2)

@@ -1,0 +1,51 @@
+"""A scripted fake IMAP server, only for faults a real server will not produce on demand.
+
+It greets, accepts any LOGIN, answers NOOP, and answers any other command with the reply
+the test scripted for it (a function of the tag), so a test can make it misbehave.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from gevent.server import StreamServer
+
+CAPS = b'IMAP4rev1 LITERAL+ UNSELECT IDLE'
+
+
+class FakeImap:
+    """Start with `start()`; `replies` maps an upper-case command name to a function
+    taking the client's tag and returning the bytes to send."""
+
+    def __init__(self, replies: dict[bytes, Callable[[bytes], bytes]]) -> None:
+        self.replies = replies
+        self.logins = 0
+        self.server = StreamServer(('127.0.0.1', 0), self.handle)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def start(self) -> 'FakeImap':
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(1)
+
+    def handle(self, sock, address) -> None:
+        sock.sendall(b'* OK [CAPABILITY ' + CAPS + b' AUTH=PLAIN] fake ready\r\n')
+        reader = sock.makefile('rb')
+        for line in reader:
+            tag, _, rest = line.rstrip(b'\r\n').partition(b' ')
+            name = rest.split(b' ')[0].upper()
+            if name in (b'LOGIN', b'AUTHENTICATE'):
+                self.logins += 1
+                sock.sendall(tag + b' OK [CAPABILITY ' + CAPS + b'] Logged in\r\n')
+            elif name in self.replies:
+                sock.sendall(self.replies[name](tag))
+            elif name == b'LOGOUT':
+                sock.sendall(b'* BYE bye\r\n' + tag + b' OK done\r\n')
+                break
+            else:
+                sock.sendall(tag + b' OK done\r\n')
+        sock.close()
