@@ -56,14 +56,6 @@ _SELECTING = frozenset((b'SELECT', b'EXAMINE'))
 _DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
 
 
-class BackendLost(Exception):
-    """Thrown into the session greenlet by the pump when the server side ends."""
-
-
-class ClientLost(Exception):
-    """Thrown into the session greenlet by the pump when it cannot write to the client."""
-
-
 def enable_profile(names) -> frozenset:
     """The sticky state that ENABLE of `names` asks for, upper-cased; QRESYNC implies
     CONDSTORE (RFC 7162 section 3.2.3)."""
@@ -99,18 +91,20 @@ class Relay:
         self.literal_tag: Optional[bytes] = None      # command waiting for "+" to send
         self.client_lock = Semaphore()
         self.pump: Optional[gevent.Greenlet] = None
-        self.pump_error: Optional[str] = None
+        self.pump_error: Optional[str] = None           # why the pump ended by itself
+        self.backend_lost = False                      # ...and whether the server side
         self.server_bye = False                        # the server's BYE was relayed
         self.last_activity = time.monotonic()
 
     def run(self) -> str:
         """Relay until LOGOUT or either side leaves; return the reason the session ended."""
         self.framer.max_line = MAX_COMMAND_LINE
-        self.pump = gevent.spawn(self.pump_server, gevent.getcurrent())
+        self.pump = gevent.spawn(self.pump_server)
         try:
-            try:
-                reason = self.pump_client()
-            except ClientLost:
+            reason = self.pump_client()
+            if self.backend_lost:
+                return self.lost_backend()
+            if self.pump_error:
                 reason = 'client gone: %s' % self.pump_error
             if reason != 'logout':
                 # The client left without LOGOUT: finish what it started and keep the
@@ -118,15 +112,17 @@ class Relay:
                 self.stop_pump()
                 self.session.keep_backend(reason, self.settle())
             return reason
-        except BackendLost:
-            if not self.server_bye:
-                # The client must not wait for replies that will never come.
-                self.send_local(b'* BYE Server connection lost.\r\n')
-            return 'backend ended: %s' % self.pump_error
         except BackendError as exc:
             return 'backend ended: %s' % exc.reason
         finally:
             self.stop_pump()
+
+    def lost_backend(self) -> str:
+        """The server side ended under a live session: tell the client, give up."""
+        if not self.server_bye:
+            # The client must not wait for replies that will never come.
+            self.send_local(b'* BYE Server connection lost.\r\n')
+        return 'backend ended: %s' % self.pump_error
 
     def doubt(self) -> Optional[str]:
         """Why the backend connection is not known to be clean, or None (R3, R24)."""
@@ -256,7 +252,7 @@ class Relay:
                           + tag + b' OK Enabled.\r\n')
         log.info('enable: id=%s backend=%s result=reused replaced=%s', self.id,
                  self.conn.id, old)
-        self.pump = gevent.spawn(self.pump_server, gevent.getcurrent())
+        self.pump = gevent.spawn(self.pump_server)
         return True
 
     def flush(self, out: list) -> None:
@@ -286,15 +282,15 @@ class Relay:
 
     # -- server to client ----------------------------------------------------------------
 
-    def pump_server(self, session: gevent.Greenlet) -> None:
+    def pump_server(self) -> None:
         """Stream server responses to the client (the pump greenlet's body).
 
         Writes whole batches in one send while holding `client_lock`, and keeps the lock
-        while a response is only half written (a literal in progress).
+        while a response is only half written (a literal in progress). When it ends by
+        itself it records why and wakes the session greenlet (see `wake_session`).
         """
         framer = self.conn.framer
         holding = False
-        wake = BackendLost
         try:
             while True:
                 out = []
@@ -324,18 +320,28 @@ class Relay:
                 framer.feed(data)
         except (BackendError, ProtocolError) as exc:
             self.pump_error = getattr(exc, 'reason', None) or str(exc)
+            self.backend_lost = True
         except OSError as exc:
             # The client is gone; its commands may still be finished (R24).
             self.pump_error = 'write failed: %s' % (exc.strerror or exc)
-            wake = ClientLost
         except Exception:
             self.pump_error = 'internal error'
+            self.backend_lost = True
             log.exception('relay failed: id=%s', self.id)
         finally:
             if holding:
                 self.client_lock.release()
-        # Reached only when the pump ends on its own: wake the session greenlet.
-        session.kill(wake, block=False)
+        self.wake_session()
+
+    def wake_session(self) -> None:
+        """Make the session greenlet's client read return at once, by shutting down the
+        reading side of the client socket (gevent then cancels the waiting read). The
+        session sees `pump_error` and acts on it; no exception is thrown across
+        greenlets, so none can land in the middle of its other work."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def on_response(self, line: bytes) -> bytes:
         """Note what the first line of a server response means; return it for the client.
@@ -396,7 +402,10 @@ class Relay:
         The reset runs before the answer, so that the same user's next login, which a
         webmail client sends right after, finds the connection in the cache.
         """
-        if not self.quiet.wait(LOGOUT_WAIT):
+        gevent.wait([self.quiet, self.pump], count=1, timeout=LOGOUT_WAIT)
+        if self.pump.dead:
+            return 'logout: %s' % self.pump_error        # run() looks at why
+        if not self.quiet.is_set():
             self.sticky = 'no reply to commands pipelined before LOGOUT'
             return 'logout timeout'
         # With the lock held the pump is between responses: stopping it loses no reply.

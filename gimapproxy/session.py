@@ -22,7 +22,7 @@ from .cache import EMPTY_PROFILE, CacheFull, Entry
 from .logfmt import printable
 from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError, parse_command,
                        tag_of)
-from .relay import BackendLost, ClientLost, Relay
+from .relay import Relay
 
 __all__ = ['ClientSession', 'PRELOGIN_CAPABILITIES']
 
@@ -85,9 +85,6 @@ class ClientSession:
                 reason = Relay(self).run()
         except SessionEnd as end:
             reason = end.reason
-        except (BackendLost, ClientLost):
-            # A wake-up from the relay's pump that arrived after the relay ended.
-            reason = 'connection lost'
         except gevent.GreenletExit:
             reason = 'server shutdown'
             self.send_quietly(b'* BYE Server shutting down.\r\n')
