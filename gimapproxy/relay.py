@@ -12,6 +12,7 @@ response to its last, so nothing the proxy says can land inside a response.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import time
@@ -267,6 +268,8 @@ class Relay:
     def recv_client(self) -> bytes:
         """Read client bytes; b'' at EOF, error, or IDLE_TIMEOUT of silence both ways."""
         while True:
+            if self.pump_error is not None:
+                return b''
             self.sock.settimeout(max(1.0, self.last_activity + IDLE_TIMEOUT - time.monotonic()))
             try:
                 data = self.sock.recv(RECV_SIZE)
@@ -334,14 +337,14 @@ class Relay:
         self.wake_session()
 
     def wake_session(self) -> None:
-        """Make the session greenlet's client read return at once, by shutting down the
-        reading side of the client socket (gevent then cancels the waiting read). The
-        session sees `pump_error` and acts on it; no exception is thrown across
-        greenlets, so none can land in the middle of its other work."""
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+        """Make the session greenlet's client read return at once: gevent cancels the
+        read it waits in, as it does when another greenlet closes a socket. The session
+        sees `pump_error` and acts on it; nothing is thrown into its other work, and the
+        client socket stays usable (a TLS one too) for a last BYE. When the session is
+        not reading, `recv_client` sees `pump_error` before it waits."""
+        watcher = getattr(self.sock, '_read_event', None)
+        if watcher is not None:
+            gevent.get_hub().cancel_wait(watcher, socket.error(errno.ECANCELED, 'woken'))
 
     def on_response(self, line: bytes) -> bytes:
         """Note what the first line of a server response means; return it for the client.
