@@ -19,7 +19,7 @@ from gevent import select, socket
 
 from .logfmt import printable
 from .protocol import (Framer, Line, LiteralData, ProtocolError, Response, astring,
-                       filter_capabilities, parse_response)
+                       filter_capabilities, parse_response, quote)
 
 __all__ = ['BackendConnection', 'BackendError', 'BackendUnavailable', 'BackendDesync',
            'LoginRefused', 'State']
@@ -98,6 +98,7 @@ class BackendConnection:
         self.selected: Optional[bool] = False
         self.profile: frozenset = frozenset()
         self.enabled: list[bytes] = []
+        self.tls = None               # the BackendTLS it was wrapped with, if any
         self.created = time.monotonic()
         # Proxy-owned tags carry a random prefix that no client can guess, so a late
         # reply to a client command can never be taken for the proxy's own (R5).
@@ -107,13 +108,16 @@ class BackendConnection:
     # -- connecting and logging in ------------------------------------------------------
 
     @classmethod
-    def connect(cls, host: str, port: int, timeout: float,
-                conn_id: str) -> 'BackendConnection':
+    def connect(cls, host: str, port: int, timeout: float, conn_id: str,
+                tls=None) -> 'BackendConnection':
         """Connect and read the greeting, within `timeout` seconds in all; `conn_id` names
-        the connection in the log.
+        the connection in the log. With `tls` (a gimapproxy.tls.BackendTLS) the
+        connection is encrypted before the greeting (implicit) or right after it with
+        STARTTLS, which fails closed (R49).
 
         Raises:
-            BackendUnavailable: refused, unreachable, timed out, BYE or PREAUTH greeting.
+            BackendUnavailable: refused, unreachable, timed out, BYE or PREAUTH greeting,
+                no STARTTLS, or a TLS failure (the reason says which check failed).
         """
         with gevent.Timeout(timeout, BackendUnavailable('connect timeout after %gs' % timeout)):
             try:
@@ -124,7 +128,11 @@ class BackendConnection:
             conn = cls(sock, (host, port), conn_id)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if tls is not None and tls.mode == 'implicit':
+                    conn._start_tls(tls)
                 conn._read_greeting()
+                if tls is not None and tls.mode == 'starttls':
+                    conn._starttls(tls)
             except BaseException:
                 conn.close('greeting failed', quiet=True)
                 raise
@@ -145,6 +153,49 @@ class BackendConnection:
         self.capabilities = self._code_capabilities(greeting)
         if not self.capabilities:
             self.capabilities = self._ask_capabilities()
+
+    def _starttls(self, tls) -> None:
+        # RFC 3501 section 6.2.1; R49: no STARTTLS or a NO refuses the login, and what
+        # the server said before TLS (capabilities, any extra bytes) is thrown away.
+        if b'STARTTLS' not in self.capability_set():
+            raise BackendUnavailable('server offers no STARTTLS')
+        response, _ = self._command(b'STARTTLS')
+        if response.status != b'OK':
+            raise BackendUnavailable('server refused STARTTLS: %s'
+                                     % printable(response.status))
+        if self.framer.buffered:
+            raise BackendUnavailable('data after the STARTTLS reply (injection?)')
+        self._start_tls(tls)
+        self.capabilities = self._ask_capabilities()
+
+    def _start_tls(self, tls) -> None:
+        from .tls import describe_error
+        try:
+            self.sock = tls.wrap(self.sock)
+        except (OSError, ValueError) as exc:
+            raise BackendUnavailable(describe_error(exc)) from None
+        self.tls = tls
+
+    def identify(self, fields: list) -> None:
+        """Send ID with `fields` (name, value byte pairs) as the first command, when the
+        server offers ID (R41). A refusal is logged, not fatal.
+
+        Raises:
+            BackendError: timeout, EOF, a foreign tag.
+        """
+        if b'ID' not in self.capability_set() or not fields:
+            return
+        items = []
+        for name, value in fields:
+            try:
+                items.append(quote(name) + b' ' + quote(value))
+            except ValueError:
+                continue              # a value that needs a literal: leave it out
+        with gevent.Timeout(LOGIN_TIMEOUT, BackendUnavailable('ID timeout')):
+            response, _ = self._command(b'ID (' + b' '.join(items) + b')')
+        if response.status != b'OK':
+            log.info('backend refused ID: id=%s status=%s', self.id,
+                     printable(response.status))
 
     def login(self, authzid: bytes, user: bytes, password: bytes) -> None:
         """Authenticate as `user`; on success `capabilities` holds the post-login list.
@@ -178,6 +229,10 @@ class BackendConnection:
             caps_after = self._code_capabilities(response) or self._untagged_capabilities(
                 untagged) or self._ask_capabilities()
             self.capabilities = caps_after
+        if self.tls is not None:
+            self.tls.remember(self.sock)
+            log.debug('backend TLS: id=%s version=%s resumed=%s', self.id,
+                      self.sock.version(), 'yes' if self.sock.session_reused else 'no')
 
     def _authenticate_plain(self, authzid: bytes, user: bytes, password: bytes,
                             sasl_ir: bool) -> tuple[Response, list[bytes]]:
@@ -335,7 +390,7 @@ class BackendConnection:
 
     def has_input(self) -> bool:
         """True when the server sent something that nobody has read yet (R30)."""
-        if self.framer.buffered:
+        if self.framer.buffered or (self.tls is not None and self.sock.pending()):
             return True
         try:
             return bool(select.select([self.sock], [], [], 0)[0])

@@ -10,6 +10,7 @@ import configparser
 import dataclasses
 import ipaddress
 import logging
+import os
 from typing import Any, Callable, NamedTuple, Optional
 
 __all__ = ['ConfigError', 'ProxyConfig', 'KEYS', 'load_config', 'make_config', 'SECTION']
@@ -71,6 +72,41 @@ def _boolean(text: str) -> bool:
     raise ValueError('%r is not yes or no' % text)
 
 
+def _auto_boolean(text: str) -> Optional[bool]:
+    return None if text.lower() == 'auto' else _boolean(text)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError('%r is not one of %s' % (text, ', '.join(choices)))
+        return text.lower()
+    return parse
+
+
+def _file(text: str) -> Optional[str]:
+    if not text:
+        return None
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError('cannot read file %r' % text)
+    return text
+
+
+def _text(text: str) -> Optional[str]:
+    return text or None
+
+
+def _networks(text: str) -> tuple:
+    networks = []
+    for item in text.replace(',', ' ').split():
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError('%r is not a network (use CIDR, like 10.0.0.0/8)' % item) \
+                from None
+    return tuple(networks)
+
+
 _LEVELS = ('debug', 'info', 'warning', 'error')
 
 
@@ -122,6 +158,48 @@ KEYS = (
         'Seconds that open sessions get to finish after SIGTERM or SIGINT.'),
     Key('log_level', _level, 'info',
         'One of debug, info, warning, error.'),
+    # TLS towards the server.
+    Key('server_tls', _choice('off', 'starttls', 'implicit'), 'off',
+        'TLS towards the server: off, starttls (on server_port, usually 143) or implicit '
+        '(usually port 993). STARTTLS fails closed.'),
+    Key('tls_ca_file', _file, '',
+        'CA certificates (PEM) to verify the server with; empty: the system trust store.'),
+    Key('tls_verify_server', _boolean, 'yes',
+        'Verify the server\'s certificate chain and host name.'),
+    Key('tls_server_name', _text, '',
+        'Name to verify the server certificate against and to send as SNI; empty: '
+        'server_hostname.'),
+    Key('tls_cert_file', _file, '',
+        'Client certificate (PEM) the proxy shows the server; optional.'),
+    Key('tls_key_file', _file, '',
+        'Key of tls_cert_file.'),
+    Key('tls_ciphers', _text, '',
+        'OpenSSL cipher list for TLS 1.2 towards the server; empty: OpenSSL\'s default.'),
+    Key('tls_min_version', _choice('tlsv1.2', 'tlsv1.3'), 'tlsv1.2',
+        'Lowest TLS version accepted, towards the server and from clients.'),
+    # TLS towards clients.
+    Key('listen_tls_port', _integer(0, 65535), '0',
+        'Port for implicit-TLS clients on listen_address; 0: off.'),
+    Key('client_tls_cert_file', _file, '',
+        'Certificate (PEM, with its chain) the proxy shows clients.'),
+    Key('client_tls_key_file', _file, '',
+        'Key of client_tls_cert_file.'),
+    Key('client_starttls', _auto_boolean, 'auto',
+        'Offer STARTTLS on listen_port: yes, no, or auto (yes when a client certificate '
+        'is configured).'),
+    Key('require_client_tls', _boolean, 'no',
+        'Refuse logins on listen_port before STARTTLS (clients see LOGINDISABLED).'),
+    # The client's address at the server.
+    Key('forward_client_ip', _boolean, 'yes',
+        'On each new server connection, send ID with the client\'s address '
+        '(x-originating-ip, ...) when the server offers ID; Dovecot honours it from '
+        'login_trusted_networks.'),
+    Key('trusted_networks', _networks, '',
+        'Networks (CIDR, space separated) whose clients may pass their own x-originating-* '
+        'ID fields, such as a webmail host that reports the browser\'s address.'),
+    Key('cache_per_client_ip', _boolean, 'no',
+        'Reuse a cached connection only for the same client address; needed when the '
+        'server applies per-IP policy (Dovecot allow_nets).'),
 )
 _BY_NAME = {key.name: key for key in KEYS}
 
@@ -146,7 +224,35 @@ class ProxyConfig:
     connect_timeout: float
     shutdown_timeout: float
     log_level: str
+    server_tls: str
+    tls_ca_file: Optional[str]
+    tls_verify_server: bool
+    tls_server_name: Optional[str]
+    tls_cert_file: Optional[str]
+    tls_key_file: Optional[str]
+    tls_ciphers: Optional[str]
+    tls_min_version: str
+    listen_tls_port: int
+    client_tls_cert_file: Optional[str]
+    client_tls_key_file: Optional[str]
+    client_starttls: Optional[bool]
+    require_client_tls: bool
+    forward_client_ip: bool
+    trusted_networks: tuple
+    cache_per_client_ip: bool
     source: str = '<dict>'
+
+    @property
+    def client_tls(self) -> bool:
+        """True when the proxy has a certificate for clients."""
+        return self.client_tls_cert_file is not None
+
+    @property
+    def offer_starttls(self) -> bool:
+        """True when listen_port offers STARTTLS."""
+        if self.client_starttls is None:
+            return self.client_tls
+        return self.client_starttls
 
     @property
     def log_level_number(self) -> int:
@@ -176,7 +282,30 @@ def make_config(values: dict[str, str], source: str = '<dict>') -> ProxyConfig:
                 raise ConfigError('%s: [%s] %s: required key is missing (%s)'
                                   % (source, SECTION, key.name, key.help))
             parsed[key.name] = key.parse(key.default)
+    _check_together(parsed, source)
     return ProxyConfig(source=source, **parsed)
+
+
+def _check_together(parsed: dict, source: str) -> None:
+    """Keys that only make sense with others (ConfigError names the key)."""
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError('%s: [%s] %s: %s' % (source, SECTION, key, problem))
+    for cert, key in (('tls_cert_file', 'tls_key_file'),
+                      ('client_tls_cert_file', 'client_tls_key_file')):
+        if bool(parsed[cert]) != bool(parsed[key]):
+            fail(key if parsed[cert] else cert, 'needs %s as well'
+                 % (cert if not parsed[cert] else key))
+    has_cert = parsed['client_tls_cert_file'] is not None
+    if parsed['listen_tls_port'] and not has_cert:
+        fail('listen_tls_port', 'needs client_tls_cert_file and client_tls_key_file')
+    if parsed['client_starttls'] and not has_cert:
+        fail('client_starttls', 'needs client_tls_cert_file and client_tls_key_file')
+    offer = has_cert if parsed['client_starttls'] is None else parsed['client_starttls']
+    if parsed['require_client_tls'] and not offer:
+        fail('require_client_tls', 'needs STARTTLS offered (client_starttls and a '
+             'client certificate)')
+    if parsed['listen_tls_port'] and parsed['listen_tls_port'] == parsed['listen_port']:
+        fail('listen_tls_port', 'is the same as listen_port')
 
 
 def load_config(path: str) -> ProxyConfig:

@@ -7,6 +7,7 @@ signals; `gimapproxy.cli` does that for the command-line daemon.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import itertools
 import logging
 from typing import Optional
@@ -18,10 +19,20 @@ from gevent.server import StreamServer
 from .cache import ConnectionCache
 from .config import ProxyConfig
 from .session import ClientSession
+from .tls import BackendTLS, client_context
 
 __all__ = ['ProxyServer']
 
 log = logging.getLogger('gimapproxy.server')
+
+def _is_loopback(host: str) -> bool:
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 # The original listens with a backlog of 5, so a burst of webmail requests gets refused
 # or stalls in SYN retries; the kernel caps this at net.core.somaxconn.
@@ -44,9 +55,19 @@ class ProxyServer(StreamServer):
         self.counters: collections.Counter = collections.Counter()
         self._ids = itertools.count(1)
         self._expiry: Optional[gevent.Greenlet] = None
+        self.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
+        self.client_tls = client_context(config)
         if listener is None:
             listener = (config.listen_address or '0.0.0.0', config.listen_port)
-        super().__init__(listener, spawn=Pool(), backlog=LISTEN_BACKLOG)
+        pool = Pool()
+        super().__init__(listener, spawn=pool, backlog=LISTEN_BACKLOG)
+        # Implicit TLS for clients: a second listener feeding the same sessions. The
+        # handshake runs in the session, under its login deadline.
+        self.tls_listener: Optional[StreamServer] = None
+        if config.listen_tls_port:
+            self.tls_listener = StreamServer(
+                (config.listen_address or '0.0.0.0', config.listen_tls_port),
+                self._handle_tls, spawn=pool, backlog=LISTEN_BACKLOG)
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -54,10 +75,21 @@ class ProxyServer(StreamServer):
         """Bind (if not yet bound), start accepting and start the expiry loop. Returns at
         once. Raises OSError when the address cannot be bound."""
         super().start()
+        if self.tls_listener is not None:
+            try:
+                self.tls_listener.start()
+            except BaseException:
+                super().stop(0)
+                raise
         self._expiry = gevent.spawn(self._run_expiry)
-        log.info('listening: address=%s:%d server=%s:%d cache_size=%d',
-                 self.address[0], self.address[1], self.config.server_hostname,
-                 self.config.server_port, self.config.cache_size)
+        log.info('listening: address=%s:%d tls_port=%s server=%s:%d server_tls=%s '
+                 'cache_size=%d', self.address[0], self.address[1],
+                 self.tls_listener.server_port if self.tls_listener else '-',
+                 self.config.server_hostname, self.config.server_port,
+                 self.config.server_tls, self.config.cache_size)
+        if self.config.server_tls == 'off' and not _is_loopback(self.config.server_hostname):
+            log.warning('server_tls is off: passwords cross the network in clear text to '
+                        '%s (R15)', self.config.server_hostname)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, give open sessions up to `timeout` seconds (default
@@ -66,6 +98,8 @@ class ProxyServer(StreamServer):
         if timeout is None:
             timeout = self.config.shutdown_timeout
         log.info('stopping: sessions=%d timeout=%gs', len(self.pool), timeout)
+        if self.tls_listener is not None:
+            self.tls_listener.close()
         super().stop(timeout)
         if self._expiry is not None:
             self._expiry.kill()
@@ -78,6 +112,10 @@ class ProxyServer(StreamServer):
         """Run one client's session (called by StreamServer in a pool greenlet)."""
         self.counters['clients'] += 1
         ClientSession(self, sock, address).run()
+
+    def _handle_tls(self, sock, address) -> None:
+        self.counters['clients'] += 1
+        ClientSession(self, sock, address, implicit_tls=True).run()
 
     # -- expiry ---------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import secrets
 import time
 from typing import Optional
 
@@ -19,6 +20,7 @@ from gevent import socket
 
 from .backend import BackendConnection, BackendError, LoginRefused
 from .cache import EMPTY_PROFILE, CacheFull, Entry
+from .forward import id_fields, is_trusted, originating_ip
 from .logfmt import printable
 from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError, parse_command,
                        tag_of)
@@ -56,16 +58,23 @@ class SessionEnd(Exception):
 class ClientSession:
     """The story of one client connection; `run()` is the greenlet's body."""
 
-    def __init__(self, server, sock: socket.socket, address) -> None:
+    def __init__(self, server, sock: socket.socket, address, implicit_tls: bool = False
+                 ) -> None:
         self.server = server
         self.config = server.config
         self.cache = server.cache
         self.id = server.next_id('c')
+        # Sent to the server as x-session-ext-id and logged with every login (R44).
+        self.session_id = secrets.token_hex(6)
         self.sock = sock
+        self.address = address
         self.peer = '%s:%s' % (address[0], address[1]) if address else '-'
+        self.trusted = bool(address) and is_trusted(address[0], self.config.trusted_networks)
+        self.origin = address[0] if address else '-'  # the address the session stands for
+        self.implicit_tls = implicit_tls
+        self.tls = False
+        self.client_id: list = []                 # the client's own pre-login ID fields
         self.framer = Framer(PRELOGIN_MAX_LINE)
-        self.capabilities = PRELOGIN_CAPABILITIES + (
-            b' XIMAPPROXY' if self.config.send_reuse_code else b'')
         self.bad_commands = 0
         self.user: Optional[bytes] = None
         self.key: Optional[tuple] = None          # (authzid, user) once LOGIN is parsed
@@ -79,7 +88,10 @@ class ClientSession:
         reason = 'client closed'
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            log.info('client connected: id=%s peer=%s', self.id, self.peer)
+            log.info('client connected: id=%s peer=%s tls=%s', self.id, self.peer,
+                     'implicit' if self.implicit_tls else 'no')
+            if self.implicit_tls:
+                self.start_tls(time.monotonic() + PRELOGIN_TIMEOUT)
             self.send(b'* OK [CAPABILITY ' + self.capabilities + b'] gimapproxy ready.\r\n')
             if self.authenticate():
                 reason = Relay(self).run()
@@ -100,6 +112,53 @@ class ClientSession:
             log.info('client closed: id=%s reason=%s', self.id, reason)
 
     # -- before login ------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> bytes:
+        """The pre-login capability list for this session's state (R38, R50)."""
+        caps = PRELOGIN_CAPABILITIES
+        if not self.tls and self.config.offer_starttls:
+            caps += b' STARTTLS'
+            if self.config.require_client_tls:
+                caps = b' '.join(cap for cap in caps.split()
+                                 if not cap.startswith(b'AUTH=')) + b' LOGINDISABLED'
+        if self.config.send_reuse_code:
+            caps += b' XIMAPPROXY'
+        return caps
+
+    def start_tls(self, deadline: float) -> None:
+        """Run the server side of a TLS handshake with the client, by `deadline`.
+
+        Raises:
+            SessionEnd: the handshake failed or took too long.
+        """
+        context = self.server.client_tls
+        try:
+            with gevent.Timeout(max(0.1, deadline - time.monotonic()),
+                                OSError('handshake timeout')):
+                self.sock = context.wrap_socket(self.sock, server_side=True)
+        except (OSError, ValueError) as exc:
+            raise SessionEnd('client TLS handshake failed: %s' % exc) from None
+        self.tls = True
+
+    def handle_starttls(self, command, deadline) -> bool:
+        if self.tls or not self.config.offer_starttls:
+            self.refuse(command.tag, b'STARTTLS is not available.')
+            return False
+        self.send(command.tag + b' OK Begin TLS negotiation now.\r\n')
+        # R50, RFC 3501 section 6.2.1: bytes pipelined after STARTTLS came in clear
+        # text and are thrown away; the TLS session starts from nothing.
+        self.framer = Framer(PRELOGIN_MAX_LINE)
+        self.start_tls(deadline)
+        return False
+
+    def tls_required(self, tag: bytes) -> bool:
+        """Refuse a login in clear text when TLS is required; True if refused."""
+        if self.tls or not self.config.require_client_tls:
+            return False
+        self.send(tag + b' NO [PRIVACYREQUIRED] Plaintext authentication disallowed on '
+                        b'non-secure (SSL/TLS) connections.\r\n')
+        return True
 
     def authenticate(self) -> bool:
         """Answer pre-login commands until a login succeeds (True) or the client leaves.
@@ -193,10 +252,15 @@ class ClientSession:
                 and all(len(v or b'') <= 1024 for v in fields[1::2])):
             self.refuse(command.tag, b'Invalid ID arguments.')
             return False
+        # Kept for the proxy's own ID to the server, where they are merged in (R41, R42).
+        self.client_id = [(key, value) for key, value in zip(fields[::2], fields[1::2])
+                          if key] if fields else []
         self.send(b'* ID NIL\r\n' + command.tag + b' OK ID completed.\r\n')
         return False
 
     def handle_login(self, command, deadline) -> bool:
+        if self.tls_required(command.tag):
+            return False
         args = command.args
         if len(args) != 2 or not all(isinstance(arg, bytes) for arg in args):
             self.refuse(command.tag, b'LOGIN needs a user name and a password.')
@@ -204,6 +268,8 @@ class ClientSession:
         return self.login(command.tag, b'', args[0], args[1], 'LOGIN')
 
     def handle_authenticate(self, command, deadline) -> bool:
+        if self.tls_required(command.tag):
+            return False
         args = command.args
         if not 1 <= len(args) <= 2 or not all(isinstance(arg, bytes) for arg in args):
             self.refuse(command.tag, b'AUTHENTICATE needs a mechanism.')
@@ -268,7 +334,11 @@ class ClientSession:
 
         Returns True when logged in; False after relaying a refusal.
         """
-        self.key = (authzid, user)
+        self.origin = originating_ip(self.client_id, self.address[0], self.trusted)
+        # R16: the client's address is part of the key only where the server's policy
+        # depends on it.
+        self.key = (authzid, user, self.origin) if self.config.cache_per_client_ip \
+            else (authzid, user)
         self.verifier = self.cache.verifier(password)
         started = time.monotonic()
         entry = self.checkout(EMPTY_PROFILE)
@@ -288,9 +358,10 @@ class ClientSession:
             reuse = b'* OK [XPROXYREUSE] IMAP connection reused by gimapproxy\r\n'
         self.send(reuse + tag + b' OK [CAPABILITY ' + conn.client_capabilities() + b'] '
                   + conn.login_text + b'\r\n')
-        log.info('login: id=%s user=%s method=%s backend=%s result=%s peer=%s time=%.1fms',
-                 self.id, printable(user), method, conn.id, result, self.peer,
-                 (time.monotonic() - started) * 1000)
+        log.info('login: id=%s user=%s method=%s backend=%s result=%s peer=%s origin=%s '
+                 'session=%s tls=%s time=%.1fms', self.id, printable(user), method, conn.id,
+                 result, self.peer, printable(self.origin), self.session_id,
+                 'yes' if self.tls else 'no', (time.monotonic() - started) * 1000)
         return True
 
     def checkout(self, profile: frozenset) -> Optional[Entry]:
@@ -322,7 +393,12 @@ class ClientSession:
             conn = BackendConnection.connect(self.config.server_hostname,
                                              self.config.server_port,
                                              self.config.connect_timeout,
-                                             self.server.next_id('b'))
+                                             self.server.next_id('b'),
+                                             self.server.backend_tls)
+            if self.config.forward_client_ip:
+                conn.identify(id_fields(self.client_id, self.address,
+                                        self.sock.getsockname()[:2], self.session_id,
+                                        self.trusted))
             conn.login(authzid, user, password)
         except LoginRefused as refused:
             self.cache.unreserve(self.key)

@@ -35,8 +35,9 @@ def test_shipped_file_is_valid_and_documents_every_default():
             assert re.search(r'^%s = ' % key.name, text, re.M), key.name
         else:
             # Documented as a commented line with the real default.
-            assert re.search(r'^#%s = %s$' % (key.name, re.escape(key.default)), text, re.M), \
-                key.name
+            documented = r'^#%s =%s$' % (key.name, ' ' + re.escape(key.default)
+                                         if key.default else '')
+            assert re.search(documented, text, re.M), key.name
             assert getattr(config, key.name) == key.parse(key.default)
 
 
