@@ -17,7 +17,7 @@ setup(
     python_requires='>=3.10',
     install_requires=['gevent>=22.10', 'greenlet>=2.0', 'docopt-ng>=0.9'],
     extras_require={
-        'test': ['pytest>=7', 'pytest-timeout>=2', 'pymap>=0.36'],
+        'test': ['pytest>=7', 'pytest-timeout>=2', 'pymap>=0.36', 'trustme>=1.0'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

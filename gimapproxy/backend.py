@@ -211,13 +211,14 @@ class BackendConnection:
         """
         caps = self.capability_set()
         with gevent.Timeout(LOGIN_TIMEOUT, BackendUnavailable('login timeout')):
+            if b'LOGINDISABLED' in caps:
+                raise BackendUnavailable('server says LOGINDISABLED: it wants TLS '
+                                         '(see server_tls)')
             if b'AUTH=PLAIN' in caps:
                 response, untagged = self._authenticate_plain(authzid, user, password,
                                                               b'SASL-IR' in caps)
             elif authzid:
                 raise BackendUnavailable('server offers no AUTH=PLAIN for an authzid login')
-            elif b'LOGINDISABLED' in caps:
-                raise BackendUnavailable('server says LOGINDISABLED')
             else:
                 response, untagged = self._login_command(user, password, caps)
             if response.status != b'OK':

@@ -293,8 +293,8 @@ def _check_together(parsed: dict, source: str) -> None:
     for cert, key in (('tls_cert_file', 'tls_key_file'),
                       ('client_tls_cert_file', 'client_tls_key_file')):
         if bool(parsed[cert]) != bool(parsed[key]):
-            fail(key if parsed[cert] else cert, 'needs %s as well'
-                 % (cert if not parsed[cert] else key))
+            present, missing = (cert, key) if parsed[cert] else (key, cert)
+            fail(present, 'needs %s as well' % missing)
     has_cert = parsed['client_tls_cert_file'] is not None
     if parsed['listen_tls_port'] and not has_cert:
         fail('listen_tls_port', 'needs client_tls_cert_file and client_tls_key_file')

@@ -38,6 +38,7 @@ class BackendTLS:
         context.minimum_version = _VERSIONS[config.tls_min_version]
         self.context = context
         self._session = None
+        self.resumed = 0              # new connections that resumed an earlier session
 
     def wrap(self, sock):
         """Run the TLS handshake on `sock`, offering the last session for resumption.
@@ -45,18 +46,14 @@ class BackendTLS:
         Returns the TLS socket. Raises ssl.SSLError (ssl.SSLCertVerificationError when a
         certificate check fails) or OSError.
         """
-        session = self._session
-        try:
-            return self.context.wrap_socket(sock, server_hostname=self.server_name,
-                                            session=session)
-        except ValueError:
-            # A session the server side will not take any more; try without.
-            self._session = None
-            return self.context.wrap_socket(sock, server_hostname=self.server_name)
+        return self.context.wrap_socket(sock, server_hostname=self.server_name,
+                                        session=self._session)
 
     def remember(self, sock) -> None:
         """Keep `sock`'s session for the next connection (TLS 1.3 sends its ticket after
         the handshake, so call this once data has been read)."""
+        if sock.session_reused:
+            self.resumed += 1
         session = getattr(sock, 'session', None)
         if session is not None:
             self._session = session

@@ -24,10 +24,11 @@ import tempfile
 import time
 import warnings
 from datetime import datetime, timedelta, timezone
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ['free_port', 'dovecot_binary', 'require_dovecot', 'sha512_crypt',
-           'make_message', 'NO_AUTH_PENALTY_CONF', 'Dovecot', 'Pymap']
+           'make_message', 'NO_AUTH_PENALTY_CONF', 'TLS_HOST', 'parse_login_line',
+           'Dovecot', 'Pymap']
 
 START_TIMEOUT = 15.0        # seconds to wait for a server's greeting
 STOP_TIMEOUT = 10.0         # seconds to wait for a server to exit after SIGTERM
@@ -49,8 +50,18 @@ service anvil {
 }
 """
 
+# The loopback address a Dovecot with TLS listens on by default. Dovecot treats a client
+# whose address equals the server's local address as "secured" (like TLS): from
+# 127.0.0.1 to 127.0.0.1 it would accept plaintext LOGIN despite ssl = required. Clients
+# connecting to 127.0.0.2 come from 127.0.0.1 (the loopback route's source address), so
+# they are not secured and must use TLS. (Clients in login_trusted_networks are "secured"
+# too, whatever the addresses: see Dovecot(trusted_networks=...).)
+TLS_HOST = '127.0.0.2'
+
 # Successful Dovecot logins: "... imap-login: Info: Login: user=<user1>, method=PLAIN, ..."
 _DOVECOT_LOGIN_RE = re.compile(r'imap-login: (?:Info: )?Login: user=<([^>]*)>')
+# One "key=value" (value possibly <bracketed>, may contain ", ") or bare-word field.
+_LOGIN_FIELD_RE = re.compile(r'(\w[\w-]*)(?:=(<[^>]*>|[^,]*))?(?:, |$)')
 
 # pymap --debug lines: "DEBUG:pymap.imap:<conn> -->| TAG LOGIN ..." (from the client) and
 # "DEBUG:pymap.imap:<conn> <--| TAG OK ..." (to the client).
@@ -250,6 +261,31 @@ def _kill_session(sid: int, timeout: float = 5.0) -> List[int]:
     return found
 
 
+def parse_login_line(line: str) -> Dict[str, object]:
+    """Return the fields of a Dovecot "imap-login: Login:" line as a dict.
+
+    "... Login: user=<u>, method=PLAIN, rip=192.0.2.7, lip=127.0.0.2, mpid=42, TLS,
+    session=<abc>" gives {'user': 'u', 'method': 'PLAIN', 'rip': '192.0.2.7',
+    'lip': '127.0.0.2', 'mpid': '42', 'TLS': True, 'session': 'abc'}: <brackets> are
+    stripped, bare words (TLS, secured, ...) map to True. Raises ValueError if `line` is
+    not a login line.
+    """
+    m = _DOVECOT_LOGIN_RE.search(line)
+    if m is None:
+        raise ValueError('not a Dovecot login line: %r' % line)
+    rest = line[line.index('Login: ', m.start()) + len('Login: '):].rstrip('\r\n')
+    fields: Dict[str, object] = {}
+    for fm in _LOGIN_FIELD_RE.finditer(rest):
+        key, value = fm.group(1), fm.group(2)
+        if value is None:
+            fields[key] = True
+        else:
+            if value.startswith('<') and value.endswith('>'):
+                value = value[1:-1]
+            fields[key] = value
+    return fields
+
+
 class _Server:
     """Common process handling: start on a free port, wait for the greeting, stop."""
 
@@ -416,7 +452,11 @@ class Dovecot(_Server):
     name = 'dovecot'
 
     def __init__(self, users: Optional[Dict[str, str]] = None, messages: int = 20,
-                 extra_conf: str = '', workdir: Optional[str] = None) -> None:
+                 extra_conf: str = '', workdir: Optional[str] = None, *,
+                 tls: Optional[Tuple[str, str]] = None,
+                 trusted_networks: Optional[str] = None,
+                 host: Optional[str] = None,
+                 tls_resumption: bool = False) -> None:
         """Describe the server; nothing is written or started before start().
 
         users: user name -> password (default user1..user20 / secret1..secret20).
@@ -425,8 +465,48 @@ class Dovecot(_Server):
         workdir: directory to use (it is removed by stop()); default a new
         /tmp/gimap-dc-XXXXXXXX (short, since Dovecot's socket paths must stay
         below ~100 characters).
+        tls: (cert_file, key_file), PEM; cert_file holds the leaf then its chain. Turns
+        on TLS: "ssl = required" and "disable_plaintext_auth = yes" (no LOGIN or
+        AUTHENTICATE before STARTTLS: LOGINDISABLED, no AUTH= in the capabilities),
+        STARTTLS offered on .port, and an implicit-TLS (imaps) listener on a second
+        free port, .tls_port. The files are copied into <workdir>/ssl at start().
+        The server then listens on TLS_HOST (127.0.0.2) unless `host` says otherwise:
+        Dovecot counts a client whose IP equals the server's as secured, and would let
+        127.0.0.1 -> 127.0.0.1 log in without TLS. Login lines show "TLS" (STARTTLS
+        and imaps alike).
+        trusted_networks: e.g. '127.0.0.0/8', for login_trusted_networks. Dovecot then
+        believes the ID fields a client in those networks sends before logging in
+        ("x-originating-ip", "x-originating-port", "x-session-id", ...), so its login
+        line shows rip=<forwarded IP> (and lip/session likewise when forwarded). A
+        trusted client also counts as "secured": ssl = required does NOT stop it
+        logging in without TLS (its login line then says "secured", not "TLS").
+        host: the loopback address to listen on (default 127.0.0.1, or TLS_HOST with
+        tls).
+        tls_resumption: run one long-lived imap-login process for all connections
+        (service_count = 0, process_min_avail = 1) instead of one per connection, so
+        that TLS sessions can be resumed. By default Dovecot 2.3 does issue TLS 1.3/1.2
+        session tickets, but every connection gets a new login process with its own
+        ticket key and session cache, so resumption never succeeds (session_reused is
+        False).
         """
         super().__init__()
+        if tls is not None:
+            cert_file, key_file = tls
+            for path in (cert_file, key_file):
+                if not os.path.isfile(path):
+                    raise FileNotFoundError('Dovecot(tls=...): no such file: %s' % path)
+            self.tls: Optional[Tuple[str, str]] = (os.path.abspath(cert_file),
+                                                   os.path.abspath(key_file))
+        else:
+            self.tls = None
+        self.trusted_networks = trusted_networks
+        self.tls_resumption = tls_resumption
+        self.host = host or (TLS_HOST if tls is not None else _Server.host)
+        # Port of the implicit-TLS (imaps) listener; 0 without tls.
+        self.tls_port = 0
+        # The copies of the TLS files that the config names (set by start()).
+        self.tls_cert_path = ''
+        self.tls_key_path = ''
         if users is None:
             users = {'user%d' % i: 'secret%d' % i for i in range(1, 21)}
         self.users = dict(users)
@@ -544,7 +624,7 @@ class Dovecot(_Server):
             '# Generated by tests/backends.py: a throwaway Dovecot for gimapproxy tests.',
             '# Nothing is read from /etc/dovecot.',
             'protocols = imap',
-            'listen = 127.0.0.1',
+            'listen = %s' % self.host,
             'base_dir = %s/run' % wd,
             'state_dir = %s/state' % wd,
             'instance_name = gimap-dc-%d' % self.port,
@@ -554,8 +634,22 @@ class Dovecot(_Server):
             'debug_log_path = %s/dovecot.log' % wd,
             'auth_verbose = yes',
             '',
-            'ssl = no',
-            'disable_plaintext_auth = no',
+        ]
+        if self.tls is None:
+            lines += [
+                'ssl = no',
+                'disable_plaintext_auth = no',
+            ]
+        else:
+            lines += [
+                'ssl = required',
+                'disable_plaintext_auth = yes',
+                'ssl_cert = <%s' % self.tls_cert_path,
+                'ssl_key = <%s' % self.tls_key_path,
+            ]
+        if self.trusted_networks:
+            lines.append('login_trusted_networks = %s' % self.trusted_networks)
+        lines += [
             'auth_mechanisms = plain login',
             '',
             'default_login_user = %s' % self.login_user,
@@ -579,13 +673,27 @@ class Dovecot(_Server):
             '',
             'service imap-login {',
             '  inet_listener imap {',
-            '    address = 127.0.0.1',
+            '    address = %s' % self.host,
             '    port = %d' % self.port,
             '  }',
             '  inet_listener imaps {',
-            '    port = 0',
-            '  }',
         ]
+        if self.tls is None:
+            lines.append('    port = 0')
+        else:
+            lines += [
+                '    address = %s' % self.host,
+                '    port = %d' % self.tls_port,
+                '    ssl = yes',
+            ]
+        lines.append('  }')
+        if self.tls_resumption:
+            # One login process serves every connection (Dovecot's "high-performance
+            # mode"), so its ticket key and session cache see all of them.
+            lines += [
+                '  service_count = 0',
+                '  process_min_avail = 1',
+            ]
         if not self._is_root:
             lines.append('  chroot =')
         lines.append('}')
@@ -614,8 +722,31 @@ class Dovecot(_Server):
         return [self._binary, '-F', '-c', self.conf_path]
 
     def _prepare_port(self) -> None:
+        if self.tls is not None:
+            # A second free port for imaps; if it is taken by the time Dovecot binds it,
+            # Dovecot exits with "Address already in use" and _spawn() retries both.
+            self.tls_port = free_port(self.host)
+            while self.tls_port == self.port:
+                self.tls_port = free_port(self.host)
         with open(self.conf_path, 'w') as f:
             f.write(self.config_text())
+
+    def _copy_tls_files(self) -> None:
+        """Copy the tls=(cert, key) files into <workdir>/ssl (root-only when root).
+
+        Dovecot's config process reads ssl_cert/ssl_key (as root, before dropping
+        privileges) and hands their contents to the login processes, so the originals
+        would do wherever root can read them; the copies keep the work dir complete
+        and independent of the caller's files (which a fixture may remove first).
+        """
+        ssl_dir = os.path.join(self.workdir, 'ssl')
+        os.mkdir(ssl_dir, 0o700)
+        self.tls_cert_path = os.path.join(ssl_dir, 'cert.pem')
+        self.tls_key_path = os.path.join(ssl_dir, 'key.pem')
+        shutil.copyfile(self.tls[0], self.tls_cert_path)
+        shutil.copyfile(self.tls[1], self.tls_key_path)
+        os.chmod(self.tls_cert_path, 0o644)
+        os.chmod(self.tls_key_path, 0o600)
 
     def _listening(self) -> bool:
         # The master logs "starting up" only once all its listeners are bound.
@@ -660,6 +791,8 @@ class Dovecot(_Server):
             self.stderr_path = os.path.join(self.workdir, 'stderr.log')
             os.mkdir(os.path.join(self.workdir, 'state'), 0o755)
             os.mkdir(os.path.join(self.workdir, 'home'), 0o711)
+            if self.tls is not None:
+                self._copy_tls_files()
             for user, password in self.users.items():
                 self._hashes[user] = sha512_crypt(password)
                 self._make_mail(user)
@@ -678,6 +811,27 @@ class Dovecot(_Server):
         a little after the client saw OK: use wait_login_count() to wait for one."""
         return sum(1 for m in _DOVECOT_LOGIN_RE.finditer(self.log_text())
                    if user is None or m.group(1) == user)
+
+    def login_lines(self, user: Optional[str] = None) -> List[str]:
+        """Return the "imap-login: Info: Login: ..." lines (successful logins; of
+        `user` if given) logged so far, whole and without their line end, e.g.
+
+          Nov 28 16:28:47 imap-login: Info: Login: user=<u>, method=PLAIN,
+          rip=127.0.0.1, lip=127.0.0.2, mpid=5829, TLS, session=<OXrGq1hhpOR/AAAB>
+
+        (one line). After the addresses come "TLS" for a TLS connection (STARTTLS or
+        imaps), else "secured" if Dovecot counts the client as secure anyway (trusted
+        network, or same IP as the server), else nothing. rip= is the forwarded
+        x-originating-ip for a trusted client that sent ID before logging in.
+        parse_login_line() turns a line into a dict. Like login_count(), a login shows
+        up a little after the client saw OK: wait_login_count() first.
+        """
+        out = []
+        for line in self.log_text().splitlines():
+            m = _DOVECOT_LOGIN_RE.search(line)
+            if m is not None and (user is None or m.group(1) == user):
+                out.append(line)
+        return out
 
     def set_password(self, user: str, password: str) -> None:
         """Change (or add) `user`'s password; returns once Dovecot uses the new one.

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 from gimapproxy import ProxyServer, make_config  # noqa: E402
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, Pymap, require_dovecot  # noqa: E402
+from tests.tlsutil import TestPKI  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +53,12 @@ def dovecot():
 def pymap():
     with Pymap() as server:
         yield Backend('pymap', server, [('demouser', 'demopass')])
+
+
+@pytest.fixture(scope='session')
+def pki(tmp_path_factory):
+    """A test CA with server and client certificates (tests/tlsutil.py), made per run."""
+    return TestPKI(str(tmp_path_factory.mktemp('pki')))
 
 
 @pytest.fixture(params=['dovecot', 'pymap'])

@@ -58,9 +58,23 @@ def test_shipped_file_is_valid_and_documents_every_default():
     ('server_port = 143\n', 'server_hostname', 'required key is missing'),
     ('server_hostname =\n', 'server_hostname', 'is not a host name'),
     ('server_hostname = x\nserver_port = 1\nserver_port = 2\n', 'server_port', 'given twice'),
+    ('server_hostname = x\nserver_tls = yes\n', 'server_tls', "'yes' is not one of off, starttls, implicit"),
+    ('server_hostname = x\ntls_ca_file = /no/such/ca.pem\n', 'tls_ca_file', "cannot read file '/no/such/ca.pem'"),
+    ('server_hostname = x\ntls_cert_file = %(file)s\n', 'tls_cert_file', 'needs tls_key_file as well'),
+    ('server_hostname = x\nclient_tls_key_file = %(file)s\n', 'client_tls_key_file',
+     'needs client_tls_cert_file as well'),
+    ('server_hostname = x\nlisten_tls_port = 1993\n', 'listen_tls_port', 'needs client_tls_cert_file'),
+    ('server_hostname = x\nclient_starttls = yes\n', 'client_starttls', 'needs client_tls_cert_file'),
+    ('server_hostname = x\nrequire_client_tls = yes\n', 'require_client_tls', 'needs STARTTLS offered'),
+    ('server_hostname = x\ntrusted_networks = 10.0.0.0/8 webmail\n', 'trusted_networks',
+     "'webmail' is not a network"),
+    ('server_hostname = x\ntls_min_version = ssl3\n', 'tls_min_version', 'is not one of'),
+    ('server_hostname = x\nforward_client_ip = maybe\n', 'forward_client_ip', "'maybe' is not yes or no"),
 ])
 def test_errors_name_file_key_and_problem(tmp_path, body, key, problem):
-    path = write(tmp_path, '[gimapproxy]\n' + body)
+    pem = tmp_path / 'some.pem'
+    pem.write_text('x')
+    path = write(tmp_path, '[gimapproxy]\n' + body % {'file': pem})
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)
@@ -98,3 +112,10 @@ def test_make_config_for_embedding():
     with pytest.raises(ConfigError, match=r'<dict>: \[gimapproxy\] listen_port: '):
         make_config({'server_hostname': 'h', 'listen_port': 'x'})
     assert make_config({'server_hostname': 'h', 'listen_address': '*'}).listen_address == ''
+
+
+def test_tls_defaults_and_networks():
+    config = make_config({'server_hostname': 'h', 'trusted_networks': '10.0.0.0/8, ::1'})
+    assert config.server_tls == 'off' and config.tls_verify_server is True
+    assert config.forward_client_ip is True and config.offer_starttls is False
+    assert [str(n) for n in config.trusted_networks] == ['10.0.0.0/8', '::1/128']

@@ -299,6 +299,8 @@ def test_per_user_cap(dovecot, special_proxy, proxy_log, round_):
         with Client(proxy.server_port) as fourth:       # two active: refused
             assert fourth.login(user, password) == \
                 b'L1 NO [UNAVAILABLE] Too many connections, try again later.\r\n'
+        third.logout()       # a LOGOUT is answered once the connection is cached again
+    active.logout()
     active.close()
     assert any('reason=evicted: user limit' in line for line in proxy_log.lines)
 

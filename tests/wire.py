@@ -10,13 +10,24 @@ _LITERAL = re.compile(rb'\{(\d+)\+?\}\r\n\Z')
 class Client:
     """One client connection. Lines are returned with their CRLF, literals inlined."""
 
-    def __init__(self, port: int, host: str = '127.0.0.1', timeout: float = 20.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = '127.0.0.1', timeout: float = 20.0,
+                 source: str = '', context=None) -> None:
+        """Connect from `source` (a loopback address) if given; with `context`, an
+        ssl.SSLContext, speak implicit TLS."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
+        if context is not None:
+            self.sock = context.wrap_socket(self.sock, server_hostname=host)
         self.buf = b''
         self.greeting = self.readline()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def starttls(self, context, host: str = '127.0.0.1') -> None:
+        """Switch to TLS after the server said OK to STARTTLS (nothing may be buffered)."""
+        assert not self.buf, self.buf
+        self.sock = context.wrap_socket(self.sock, server_hostname=host)
 
     def _fill(self) -> None:
         data = self.sock.recv(65536)
