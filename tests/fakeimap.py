@@ -16,8 +16,11 @@ class FakeImap:
     """Start with `start()`; `replies` maps an upper-case command name to a function
     taking the client's tag and returning the bytes to send."""
 
-    def __init__(self, replies: dict[bytes, Callable[[bytes], bytes]]) -> None:
+    def __init__(self, replies: dict[bytes, Callable[[bytes], bytes]],
+                 greeting: bytes = b'* OK [CAPABILITY ' + CAPS + b' AUTH=PLAIN] fake ready\r\n'
+                 ) -> None:
         self.replies = replies
+        self.greeting = greeting
         self.logins = 0
         self.server = StreamServer(('127.0.0.1', 0), self.handle)
 
@@ -33,7 +36,7 @@ class FakeImap:
         self.server.stop(1)
 
     def handle(self, sock, address) -> None:
-        sock.sendall(b'* OK [CAPABILITY ' + CAPS + b' AUTH=PLAIN] fake ready\r\n')
+        sock.sendall(self.greeting)
         reader = sock.makefile('rb')
         for line in reader:
             tag, _, rest = line.rstrip(b'\r\n').partition(b' ')

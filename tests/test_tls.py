@@ -120,15 +120,22 @@ def test_verification_off_only_when_configured(tls_dovecot, pki, proxies):
         assert client.login(*USERS[7]).startswith(b'L1 OK')
 
 
-def test_starttls_strip_fails_closed(proxy_log):
-    fake = FakeImap({}).start()        # its capabilities have no STARTTLS
+@pytest.mark.parametrize('greeting, replies, reason', [
+    (None, {}, 'server offers no STARTTLS'),                    # a STARTTLS strip
+    (b'* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] hi\r\n',
+     {b'STARTTLS': lambda tag: tag + b' NO not today\r\n'}, 'server refused STARTTLS'),
+    (b'* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] welcome, whoever\r\n', {},
+     'server greeted with PREAUTH'),
+], ids=['strip', 'refused', 'preauth'])
+def test_starttls_fails_closed(proxy_log, greeting, replies, reason):
+    fake = FakeImap(replies, **({'greeting': greeting} if greeting else {})).start()
     proxy = start_proxy(Backend('fake', fake), server_tls='starttls')
     try:
         with Client(proxy.server_port) as client:
             assert client.login('someone', 'pw') == \
                 b'L1 NO [UNAVAILABLE] Server unavailable, try again later.\r\n'
         assert fake.logins == 0, 'a password went out without TLS'
-        assert any('server offers no STARTTLS' in line for line in proxy_log.lines)
+        assert any(reason in line for line in proxy_log.lines if 'login failed' in line)
     finally:
         proxy.stop(2)
         fake.stop()
