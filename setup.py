@@ -15,9 +15,11 @@ setup(
     packages=['gimapproxy'],
     scripts=['bin/gimapproxy'],
     python_requires='>=3.10',
-    install_requires=['gevent>=22.10', 'greenlet>=2.0', 'docopt-ng>=0.9'],
+    install_requires=['gevent>=22.10', 'greenlet>=2.0', 'docopt-ng>=0.9',
+                      'prometheus_client>=0.16'],
     extras_require={
-        'test': ['pytest>=7', 'pytest-timeout>=2', 'pymap>=0.36', 'trustme>=1.0'],
+        'test': ['pytest>=7', 'pytest-timeout>=2', 'pymap>=0.36', 'trustme>=1.0',
+                 'supervisor>=4'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',

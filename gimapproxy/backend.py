@@ -99,6 +99,7 @@ class BackendConnection:
         self.profile: frozenset = frozenset()
         self.enabled: list[bytes] = []
         self.tls = None               # the BackendTLS it was wrapped with, if any
+        self.on_close = None          # called with the reason when the socket is closed
         self.created = time.monotonic()
         # Proxy-owned tags carry a random prefix that no client can guess, so a late
         # reply to a client command can never be taken for the proxy's own (R5).
@@ -384,6 +385,8 @@ class BackendConnection:
         if not quiet:
             log.info('backend closed: id=%s reason=%s age=%.1fs', self.id, reason,
                      time.monotonic() - self.created)
+            if self.on_close is not None:
+                self.on_close(reason)
 
     @property
     def closed(self) -> bool:

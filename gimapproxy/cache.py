@@ -220,6 +220,37 @@ class ConnectionCache:
                 del self._entries[entry.key]
             self._slots -= 1
 
+    # -- administration ------------------------------------------------------------------
+
+    def flush(self, user: Optional[bytes] = None) -> list[Entry]:
+        """Remove and return the cached entries of `user` (any authzid), or all of them;
+        the user's active entries are retired so that they are not cached again (R22).
+        The caller logs the returned connections out."""
+        flushed = []
+        for key, entries in list(self._entries.items()):
+            if user is not None and key[1] != user:
+                continue
+            for entry in list(entries):
+                if entry.cached:
+                    flushed.append(self._evict(entry))
+                else:
+                    entry.retired = True
+        return flushed
+
+    def listing(self) -> list[dict]:
+        """Connections per identity, for the admin view: user, authzid, active and cached
+        counts, and the seconds each cached one has waited. No secrets."""
+        now = self.clock()
+        rows = []
+        for key, entries in sorted(self._entries.items()):
+            rows.append({
+                'user': key[1].decode('utf-8', 'replace'),
+                'authzid': key[0].decode('utf-8', 'replace'),
+                'active': sum(1 for entry in entries if not entry.cached),
+                'cached_idle_seconds': [round(now - entry.logout_time, 1)
+                                        for entry in entries if entry.cached]})
+        return rows
+
     # -- maintenance ---------------------------------------------------------------------
 
     def expire_idle(self, now: Optional[float] = None) -> list[Entry]:

@@ -2,8 +2,19 @@
 
 Usage:
   gimapproxy -c FILE [--check]
+  gimapproxy stats -c FILE
+  gimapproxy flush -c FILE [USER]
+  gimapproxy migrate-config IMAPPROXY_CONF
   gimapproxy -h | --help
   gimapproxy --version
+
+Commands:
+  (none)          Run the proxy in the foreground, logging to stderr.
+  stats           Print a summary of a running proxy's numbers (needs stats_listen).
+  flush           Log out the cached server connections of USER, or all of them, in a
+                  running proxy (needs stats_listen; from admin_networks).
+  migrate-config  Print a proxy.ini equivalent to an up-imapproxy imapproxy.conf;
+                  every option that does not carry over is reported on stderr.
 
 Options:
   -c FILE, --config FILE  The configuration file (INI, one [gimapproxy] section).
@@ -12,16 +23,22 @@ Options:
   -h, --help              Show this text.
   --version               Show the version.
 
-Runs in the foreground and logs to stderr. SIGTERM or SIGINT stops accepting clients,
-gives open sessions up to shutdown_timeout seconds, logs out cached server connections
-and exits 0; a second signal exits at once.
+Signals: SIGTERM or SIGINT stops accepting clients, gives open sessions up to
+shutdown_timeout seconds, logs out cached server connections and exits 0; a second one
+exits at once. SIGHUP re-reads the configuration file: the keys that can change live
+take effect for new sessions, the log names each changed key, and an invalid file
+leaves the running configuration as it was.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Optional
 
 from docopt import DocoptExit, docopt
@@ -53,11 +70,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except SystemExit as exc:      # --help and --version print and "exit" with None
         return exc.code if isinstance(exc.code, int) else 0
+    if args['migrate-config']:
+        return migrate_config(args['IMAPPROXY_CONF'])
     try:
         config = load_config(args['--config'])
     except ConfigError as exc:
         print('gimapproxy: configuration error: %s' % exc, file=sys.stderr)
         return 1
+    if args['stats']:
+        return print_stats(config)
+    if args['flush']:
+        return flush(config, args['USER'])
     if args['--check']:
         print('%s: configuration is valid' % config.source)
         return 0
@@ -79,9 +102,17 @@ def serve(config) -> int:
         log.error('cannot listen: address=%s:%d error=%s', config.listen_address,
                   config.listen_port, exc.strerror or exc)
         return 1
+    if config.proc_username:
+        try:
+            warm_up(config)
+            drop_privileges(config.proc_username, config.proc_groupname)
+        except (OSError, RuntimeError) as exc:
+            log.error('cannot drop privileges: user=%s error=%s', config.proc_username, exc)
+            server.stop(0)
+            return 1
     stopping = Event()
 
-    def on_signal(signum: int) -> None:
+    def on_stop(signum: int) -> None:
         if stopping.is_set():
             log.warning('second signal: exiting at once: signal=%s',
                         signal.Signals(signum).name)
@@ -89,12 +120,148 @@ def serve(config) -> int:
         log.info('signal received: signal=%s', signal.Signals(signum).name)
         stopping.set()
 
-    handlers = [gevent.signal_handler(signum, on_signal, signum)
+    def on_reload() -> None:
+        gevent.spawn(reload, server)
+
+    handlers = [gevent.signal_handler(signum, on_stop, signum)
                 for signum in (signal.SIGTERM, signal.SIGINT)]
+    handlers.append(gevent.signal_handler(signal.SIGHUP, on_reload))
     try:
         stopping.wait()
-        server.stop(config.shutdown_timeout)
+        server.stop(server.config.shutdown_timeout)
     finally:
         for handler in handlers:
             handler.cancel()
+    return 0
+
+
+def reload(server) -> None:
+    """Re-read the configuration file into the running server; log what changed."""
+    path = server.config.source
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error('reload failed, configuration unchanged: error=%s', exc)
+        return
+    live, restart = server.reload(config)
+    log.setLevel(server.config.log_level_number)
+    log.info('reloaded: file=%s changed=%s', path, ','.join(live) or '-')
+    if restart:
+        log.warning('reload: changed keys need a restart to take effect: keys=%s',
+                    ','.join(restart))
+
+
+def warm_up(config) -> None:
+    """Load what is loaded on first use, while the files are still readable: after the
+    drop the unprivileged user may not read the Python installation (a root-only pyenv,
+    say). The first name lookup loads gevent's resolver and the idna codec."""
+    import gevent
+    from gevent import socket
+    gevent.get_hub().resolver
+    try:
+        socket.getaddrinfo(config.server_hostname, config.server_port)
+    except OSError as exc:
+        log.warning('cannot resolve the server yet: host=%s error=%s',
+                    config.server_hostname, exc)
+
+
+def drop_privileges(user: str, group: Optional[str]) -> None:
+    """Become `user` (and `group`, else the user's group), after the ports are bound.
+
+    Raises:
+        OSError: not allowed.
+        RuntimeError: still root afterwards.
+    """
+    import grp
+    import pwd
+    entry = pwd.getpwnam(user)
+    gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(entry.pw_uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise RuntimeError('still root after dropping privileges')
+    log.info('privileges dropped: user=%s uid=%d gid=%d', user, os.getuid(), os.getgid())
+
+
+def _stats_url(config, path: str) -> str:
+    if not config.stats_listen:
+        raise ConfigError('%s: [gimapproxy] stats_listen: is off; set it to use this '
+                          'command' % config.source)
+    host, port = config.stats_listen
+    if host in ('0.0.0.0', '::', ''):
+        host = '127.0.0.1'
+    return 'http://%s:%d%s' % ('[%s]' % host if ':' in host else host, port, path)
+
+
+def _request(config, path: str, method: str = 'GET') -> dict:
+    request = urllib.request.Request(_stats_url(config, path), method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def print_stats(config) -> int:
+    """Print a one-screen summary of a running proxy, as up-imapproxy's `pimpstat -c`."""
+    try:
+        stats = _request(config, '/stats')
+    except ConfigError as exc:
+        print('gimapproxy: %s' % exc, file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print('gimapproxy: cannot read stats: %s' % exc, file=sys.stderr)
+        return 1
+    backends = stats['backend_connections']
+    lines = [
+        'gimapproxy up %(uptime_seconds)ss' % stats,
+        'clients         %6d now %10d total' % (stats['clients']['current'],
+                                                 stats['clients']['total']),
+        'logins          %6d new %6d reused %6d failed  hit ratio %.1f%%' % (
+            stats['logins']['new'], stats['logins']['reused'], stats['logins']['failed'],
+            100 * stats['cache_hit_ratio']),
+        'server conns    %6d active %6d cached %6d created %6d expired' % (
+            backends['active'], backends['cached'], backends['created'],
+            backends['expired']),
+        'bytes relayed   %12d to server %14d to clients' % (
+            stats['bytes_relayed']['client_to_server'],
+            stats['bytes_relayed']['server_to_client']),
+    ]
+    for reason, count in sorted(backends['closed_by_reason'].items()):
+        lines.append('  closed: %-40s %6d' % (reason, count))
+    print('\n'.join(lines))
+    return 0
+
+
+def flush(config, user: Optional[str]) -> int:
+    """Ask a running proxy to log out cached connections of `user`, or all."""
+    path = '/admin/flush' + ('?' + urllib.parse.urlencode({'user': user}) if user else '')
+    try:
+        result = _request(config, path, 'POST')
+    except ConfigError as exc:
+        print('gimapproxy: %s' % exc, file=sys.stderr)
+        return 1
+    except urllib.error.HTTPError as exc:
+        print('gimapproxy: flush refused: %s %s' % (exc.code, exc.reason), file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print('gimapproxy: cannot reach the proxy: %s' % exc, file=sys.stderr)
+        return 1
+    print('flushed %d cached connection(s)%s' % (result['flushed'],
+                                                 ' of %s' % user if user else ''))
+    return 0
+
+
+def migrate_config(path: str) -> int:
+    """Print the proxy.ini equivalent of an imapproxy.conf; notes go to stderr."""
+    from .migrate import migrate
+    try:
+        with open(path, encoding='utf-8', errors='replace') as handle:
+            text = handle.read()
+    except OSError as exc:
+        print('gimapproxy: %s: cannot read: %s' % (path, exc.strerror or exc),
+              file=sys.stderr)
+        return 1
+    ini, notes = migrate(text, path)
+    sys.stdout.write(ini)
+    for note in notes:
+        print(note, file=sys.stderr)
     return 0

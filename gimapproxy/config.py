@@ -13,7 +13,8 @@ import logging
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
-__all__ = ['ConfigError', 'ProxyConfig', 'KEYS', 'load_config', 'make_config', 'SECTION']
+__all__ = ['ConfigError', 'ProxyConfig', 'KEYS', 'RESTART_KEYS', 'load_config', 'make_config',
+           'SECTION']
 
 SECTION = 'gimapproxy'
 
@@ -105,6 +106,41 @@ def _networks(text: str) -> tuple:
             raise ValueError('%r is not a network (use CIDR, like 10.0.0.0/8)' % item) \
                 from None
     return tuple(networks)
+
+
+def _host_port(text: str) -> Optional[tuple]:
+    if not text:
+        return None
+    host, sep, port = text.rpartition(':')
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError('%r is not host:port' % text)
+    return (_address(host.strip('[]')) or '0.0.0.0', int(port))
+
+
+def _names(text: str) -> frozenset:
+    return frozenset(text.replace(',', ' ').split())
+
+
+def _user(text: str) -> Optional[str]:
+    if not text:
+        return None
+    import pwd
+    try:
+        pwd.getpwnam(text)
+    except KeyError:
+        raise ValueError('no such user %r' % text) from None
+    return text
+
+
+def _group(text: str) -> Optional[str]:
+    if not text:
+        return None
+    import grp
+    try:
+        grp.getgrnam(text)
+    except KeyError:
+        raise ValueError('no such group %r' % text) from None
+    return text
 
 
 _LEVELS = ('debug', 'info', 'warning', 'error')
@@ -200,7 +236,22 @@ KEYS = (
     Key('cache_per_client_ip', _boolean, 'no',
         'Reuse a cached connection only for the same client address; needed when the '
         'server applies per-IP policy (Dovecot allow_nets).'),
+    # Operations.
+    Key('stats_listen', _host_port, '',
+        'host:port for HTTP /metrics (Prometheus), /stats (JSON) and /admin; empty: off.'),
+    Key('admin_networks', _networks, '127.0.0.0/8 ::1/128',
+        'Networks (CIDR) allowed to use /admin on stats_listen.'),
+    Key('trace_users', _names, '',
+        'Users whose traffic is logged at debug level (passwords and message bodies '
+        'masked), space separated.'),
+    Key('proc_username', _user, '',
+        'User to run as after binding the ports; empty: stay as started. Never root.'),
+    Key('proc_groupname', _group, '',
+        'Group to run as after binding the ports; empty: the user\'s group.'),
 )
+# Keys a reload (SIGHUP) cannot change: they need a restart.
+RESTART_KEYS = frozenset(('listen_address', 'listen_port', 'listen_tls_port', 'stats_listen',
+                          'proc_username', 'proc_groupname'))
 _BY_NAME = {key.name: key for key in KEYS}
 
 
@@ -240,6 +291,11 @@ class ProxyConfig:
     forward_client_ip: bool
     trusted_networks: tuple
     cache_per_client_ip: bool
+    stats_listen: Optional[tuple]
+    admin_networks: tuple
+    trace_users: frozenset
+    proc_username: Optional[str]
+    proc_groupname: Optional[str]
     source: str = '<dict>'
 
     @property
@@ -306,6 +362,10 @@ def _check_together(parsed: dict, source: str) -> None:
              'client certificate)')
     if parsed['listen_tls_port'] and parsed['listen_tls_port'] == parsed['listen_port']:
         fail('listen_tls_port', 'is the same as listen_port')
+    if parsed['proc_groupname'] and not parsed['proc_username']:
+        fail('proc_groupname', 'needs proc_username as well')
+    if parsed['proc_username'] == 'root':
+        fail('proc_username', 'the point is not to run as root')
 
 
 def load_config(path: str) -> ProxyConfig:

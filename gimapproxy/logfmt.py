@@ -4,13 +4,13 @@ from __future__ import annotations
 __all__ = ['printable']
 
 
-def printable(value: bytes | str | None, limit: int = 200) -> str:
-    """Return `value` as one printable log token: non-printing characters and spaces
-    escaped, cut to `limit` characters. Never pass a password here."""
+def printable(value: bytes | str | None, limit: int = 200, spaces: bool = False) -> str:
+    """Return `value` as printable log text: non-printing characters (and spaces, unless
+    `spaces`) escaped, cut to `limit` characters. Never pass a password here."""
     if value is None:
         return '-'
     if isinstance(value, bytes):
         value = value.decode('utf-8', 'backslashreplace')
-    out = ''.join(c if c.isprintable() and c != ' ' else '\\x%02x' % ord(c)
+    out = ''.join(c if c.isprintable() and (spaces or c != ' ') else '\\x%02x' % ord(c)
                   for c in value[:limit])
     return out + ('...' if len(value) > limit else '') if out else '""'

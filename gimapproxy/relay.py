@@ -25,7 +25,7 @@ from gevent.lock import Semaphore
 
 from .backend import BackendConnection, BackendDesync, BackendError
 from .logfmt import printable
-from .protocol import (LiteralData, ProtocolError, command_head, parse_response,
+from .protocol import (Line, LiteralData, ProtocolError, command_head, parse_response,
                        rewrite_capabilities)
 
 __all__ = ['Relay']
@@ -80,6 +80,10 @@ class Relay:
         self.sock = session.sock
         self.framer = session.framer                 # the client side
         self.conn: BackendConnection = session.entry.conn
+        self.counters = session.server.counters
+        user = (session.user or b'').decode('utf-8', 'replace')
+        self.trace = user in session.config.trace_users     # protocol trace at debug
+        self.masking = False              # the command being traced carries a secret
         self.inflight: dict[bytes, bytes] = {}        # client tag -> command name
         self.quiet = Event()                          # set while nothing is in flight
         self.quiet.set()
@@ -179,6 +183,8 @@ class Relay:
                     return 'client protocol error: %s' % exc
                 if event is None:
                     break
+                if self.trace:
+                    self.trace_client(event)
                 if isinstance(event, LiteralData):
                     out.append(event.data)
                     continue
@@ -259,9 +265,11 @@ class Relay:
     def flush(self, out: list) -> None:
         """Send the collected client bytes to the server in one write."""
         if out:
+            data = b''.join(out) if len(out) > 1 else out[0]
             self.sending = True
-            self.conn.send(b''.join(out) if len(out) > 1 else out[0])
+            self.conn.send(data)
             self.sending = False
+            self.counters['bytes_in'] += len(data)
             out.clear()
             self.last_activity = time.monotonic()
 
@@ -301,6 +309,8 @@ class Relay:
                     event = framer.next_event()
                     if event is None:
                         break
+                    if self.trace:
+                        self.trace_event('S', event)
                     if isinstance(event, LiteralData) or not event.first:
                         out.append(event.data)
                     else:
@@ -309,8 +319,10 @@ class Relay:
                     if not holding:
                         self.client_lock.acquire()
                         holding = True
+                    data = b''.join(out) if len(out) > 1 else out[0]
                     with gevent.Timeout(WRITE_TIMEOUT, OSError('write timeout')):
-                        self.sock.sendall(b''.join(out) if len(out) > 1 else out[0])
+                        self.sock.sendall(data)
+                    self.counters['bytes_out'] += len(data)
                     if framer.at_boundary:
                         self.client_lock.release()
                         holding = False
@@ -396,6 +408,39 @@ class Relay:
                                        if name.upper() not in map(bytes.upper, conn.enabled)]
         if not self.enabling:
             self.listed = []
+
+    # -- protocol trace (trace_users) ----------------------------------------------------
+
+    def trace_client(self, event) -> None:
+        """Log a client event; secrets of LOGIN and AUTHENTICATE are masked (R51)."""
+        if isinstance(event, Line) and event.first:
+            name = command_head(event.data)[1]
+            if self.continuation_tag is not None and \
+                    self.inflight.get(self.continuation_tag) == b'AUTHENTICATE':
+                self.trace_text('C', '<SASL data masked>')
+                return
+            self.masking = name in (b'LOGIN', b'AUTHENTICATE')
+            if self.masking:
+                tag = event.data.split(b' ', 1)[0]
+                self.trace_text('C', '%s %s <masked>' % (printable(tag), name.decode()))
+                self.masking = event.literal is not None
+                return
+        elif isinstance(event, Line) and self.masking:
+            self.trace_text('C', '<masked>')
+            self.masking = event.literal is not None
+            return
+        self.trace_event('C', event)
+
+    def trace_event(self, direction: str, event) -> None:
+        if isinstance(event, LiteralData):
+            self.trace_text(direction, '<literal data, %d bytes>' % len(event.data))
+        else:
+            self.trace_text(direction,
+                            printable(event.data.rstrip(b'\r\n'), 300, spaces=True))
+
+    def trace_text(self, direction: str, text: str) -> None:
+        log.debug('trace: id=%s user=%s %s: %s', self.id, printable(self.session.user),
+                  direction, text)
 
     # -- the end -----------------------------------------------------------------------------
 

@@ -17,8 +17,9 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from .cache import ConnectionCache
-from .config import ProxyConfig
+from .config import KEYS, RESTART_KEYS, ProxyConfig
 from .session import ClientSession
+from .stats import Stats
 from .tls import BackendTLS, client_context
 
 __all__ = ['ProxyServer']
@@ -52,7 +53,8 @@ class ProxyServer(StreamServer):
         self.cache = ConnectionCache(config.cache_size, config.cache_expiration_time,
                                      config.max_connections_per_user, config.max_auth_age)
         self.cache.on_dead = self._cached_connection_died
-        self.counters: collections.Counter = collections.Counter()
+        self.metrics = Stats(self)
+        self.counters: collections.Counter = self.metrics.counters
         self._ids = itertools.count(1)
         self._expiry: Optional[gevent.Greenlet] = None
         self.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
@@ -63,6 +65,13 @@ class ProxyServer(StreamServer):
         super().__init__(listener, spawn=pool, backlog=LISTEN_BACKLOG)
         # Implicit TLS for clients: a second listener feeding the same sessions. The
         # handshake runs in the session, under its login deadline.
+        self.stats_listener = None
+        if config.stats_listen:
+            from gevent.pywsgi import WSGIServer
+
+            from .wsgi import make_app
+            self.stats_listener = WSGIServer(config.stats_listen, make_app(self), log=None,
+                                             error_log=logging.getLogger('gimapproxy.http'))
         self.tls_listener: Optional[StreamServer] = None
         if config.listen_tls_port:
             self.tls_listener = StreamServer(
@@ -75,12 +84,16 @@ class ProxyServer(StreamServer):
         """Bind (if not yet bound), start accepting and start the expiry loop. Returns at
         once. Raises OSError when the address cannot be bound."""
         super().start()
-        if self.tls_listener is not None:
-            try:
-                self.tls_listener.start()
-            except BaseException:
-                super().stop(0)
-                raise
+        try:
+            for listener in (self.tls_listener, self.stats_listener):
+                if listener is not None:
+                    listener.start()
+        except BaseException:
+            for listener in (self.tls_listener, self.stats_listener):
+                if listener is not None:
+                    listener.close()
+            super().stop(0)
+            raise
         self._expiry = gevent.spawn(self._run_expiry)
         log.info('listening: address=%s:%d tls_port=%s server=%s:%d server_tls=%s '
                  'cache_size=%d', self.address[0], self.address[1],
@@ -101,6 +114,8 @@ class ProxyServer(StreamServer):
         if self.tls_listener is not None:
             self.tls_listener.close()
         super().stop(timeout)
+        if self.stats_listener is not None:
+            self.stats_listener.stop(1)
         if self._expiry is not None:
             self._expiry.kill()
             self._expiry = None
@@ -116,6 +131,46 @@ class ProxyServer(StreamServer):
     def _handle_tls(self, sock, address) -> None:
         self.counters['clients'] += 1
         ClientSession(self, sock, address, implicit_tls=True).run()
+
+    def reload(self, config: ProxyConfig) -> tuple[list, list]:
+        """Take a new configuration without dropping sessions.
+
+        Returns (keys that changed and took effect, keys that changed but need a
+        restart). New sessions and new server connections use the new settings; when
+        the server or its TLS settings changed, cached connections are logged out.
+        """
+        changed = [key.name for key in KEYS
+                   if getattr(config, key.name) != getattr(self.config, key.name)]
+        restart = [name for name in changed if name in RESTART_KEYS]
+        live = [name for name in changed if name not in RESTART_KEYS]
+        backend_keys = {'server_hostname', 'server_port', 'server_tls', 'tls_ca_file',
+                        'tls_verify_server', 'tls_server_name', 'tls_cert_file',
+                        'tls_key_file', 'tls_ciphers', 'tls_min_version'}
+        self.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
+        self.client_tls = client_context(config)
+        # Keys a restart needs keep their running values, so the config stays true.
+        self.config = config.__class__(**{**config.__dict__, **{
+            name: getattr(self.config, name) for name in restart}})
+        cache = self.cache
+        cache.size = config.cache_size
+        cache.expiration = config.cache_expiration_time
+        cache.per_user = config.max_connections_per_user
+        cache.max_auth_age = config.max_auth_age
+        if backend_keys & set(live) or 'cache_per_client_ip' in live:
+            self.flush(None, 'server settings changed')
+        return live, restart
+
+    def flush(self, user: Optional[bytes] = None, reason: str = 'admin flush') -> int:
+        """Log out the cached connections of `user`, or all; active ones are not cached
+        again. Returns how many were logged out."""
+        entries = self.cache.flush(user)
+        for entry in entries:
+            gevent.spawn(entry.conn.logout, reason)
+        return len(entries)
+
+    def stats(self) -> dict:
+        """The proxy's numbers as a JSON-able dict (as served on /stats)."""
+        return self.metrics.snapshot()
 
     # -- expiry ---------------------------------------------------------------------------
 

@@ -346,12 +346,14 @@ class ClientSession:
         if entry is None:
             entry = self.open_backend(tag, authzid, user, password)
             if entry is None:
+                self.server.metrics.observe_login('failed', time.monotonic() - started)
                 return False
             result = 'new'
         self.entry = entry
         self.user = user
         conn = entry.conn
         self.server.count('login_' + result)
+        self.server.metrics.observe_login(result, time.monotonic() - started)
         reuse = b''
         if result == 'reused' and self.config.send_reuse_code:
             # R36: the connection has exactly the state its last session left (none).
@@ -395,6 +397,8 @@ class ClientSession:
                                              self.config.connect_timeout,
                                              self.server.next_id('b'),
                                              self.server.backend_tls)
+            conn.on_close = self.server.metrics.backend_closed
+            self.server.count('backend_created')
             if self.config.forward_client_ip:
                 conn.identify(id_fields(self.client_id, self.address,
                                         self.sock.getsockname()[:2], self.session_id,

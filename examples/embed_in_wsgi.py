@@ -1,0 +1,54 @@
+"""gimapproxy inside a gevent web application, in one process.
+
+    python3 examples/embed_in_wsgi.py PROXY_INI HTTP_PORT
+
+A host that already serves HTTP with gevent starts the proxy next to its WSGI app and
+mounts the proxy's /metrics and /stats under /proxy. The host owns the process: it
+monkey-patches first, installs the signal handlers, and stops the proxy on SIGTERM.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.event import Event  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+
+from gimapproxy import ProxyServer, load_config  # noqa: E402
+from gimapproxy.wsgi import make_app  # noqa: E402
+
+
+def host_app(proxy_app):
+    """The host's own web app, with the proxy's views mounted under /proxy."""
+    def app(environ, start_response):
+        path = environ.get('PATH_INFO', '')
+        if path.startswith('/proxy/'):
+            environ = dict(environ, PATH_INFO=path[len('/proxy'):])
+            return proxy_app(environ, start_response)
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return [b'the host application\n']
+    return app
+
+
+def main(ini_path, http_port):
+    proxy = ProxyServer(load_config(ini_path))
+    proxy.start()
+    web = WSGIServer(('127.0.0.1', int(http_port)), host_app(make_app(proxy)), log=None)
+    web.start()
+    print('web on 127.0.0.1:%d, IMAP proxy on 127.0.0.1:%d' % (web.server_port,
+                                                               proxy.server_port),
+          flush=True)
+    stop = Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    stop.wait()
+    web.stop(1)
+    proxy.stop(5)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(*sys.argv[1:3]))

@@ -1,0 +1,118 @@
+"""Counters of a running proxy, as a JSON-able snapshot and as Prometheus metrics.
+
+The hot paths only add to a plain dict (`Stats.counters`); the Prometheus text is made by
+prometheus_client at scrape time from a collector that reads those numbers, so a proxy
+whose stats nobody reads pays nothing more.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import time
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+__all__ = ['Stats', 'reason_class']
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+
+
+def reason_class(reason: str) -> str:
+    """The fixed phrase of a close reason, without its details (a bounded label set)."""
+    return reason.split(':', 1)[0].strip()[:40] or 'unknown'
+
+
+class Stats:
+    """The numbers of one ProxyServer.
+
+    `counters` keys: clients, login_new, login_reused, login_failed, expired,
+    cached_died, backend_created, bytes_in (client to server), bytes_out.
+    """
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.started = time.time()
+        self.counters: collections.Counter = collections.Counter()
+        self.closed: collections.Counter = collections.Counter()    # by reason class
+        self._latency = {result: [0] * (len(LATENCY_BUCKETS) + 1)
+                         for result in ('new', 'reused', 'failed')}
+        self._latency_sum = collections.Counter()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    # -- recording (cheap) -------------------------------------------------------------
+
+    def observe_login(self, result: str, seconds: float) -> None:
+        self._latency[result][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._latency_sum[result] += seconds
+
+    def backend_closed(self, reason: str) -> None:
+        self.closed[reason_class(reason)] += 1
+
+    # -- reading -------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """The numbers as a JSON-able dict (no user names, no secrets)."""
+        counters = self.counters
+        cache = self.server.cache
+        logins = counters['login_new'] + counters['login_reused']
+        return {
+            'uptime_seconds': round(time.time() - self.started, 1),
+            'clients': {'current': len(self.server.pool), 'total': counters['clients']},
+            'logins': {'new': counters['login_new'], 'reused': counters['login_reused'],
+                       'failed': counters['login_failed']},
+            'cache_hit_ratio': round(counters['login_reused'] / logins, 4) if logins else 0.0,
+            'backend_connections': {
+                'active': cache.total - cache.cached_count, 'cached': cache.cached_count,
+                'created': counters['backend_created'], 'expired': counters['expired'],
+                'closed_by_reason': dict(self.closed)},
+            'bytes_relayed': {'client_to_server': counters['bytes_in'],
+                              'server_to_client': counters['bytes_out']},
+        }
+
+    def collect(self):
+        """prometheus_client's collector protocol: yield the metric families."""
+        snap = self.snapshot()
+        counters = self.counters
+        yield GaugeMetricFamily('gimapproxy_client_connections',
+                                'Client connections open now.', snap['clients']['current'])
+        yield CounterMetricFamily('gimapproxy_client_connections',
+                                  'Client connections accepted.', counters['clients'])
+        logins = CounterMetricFamily('gimapproxy_logins', 'Logins by result.',
+                                     labels=['result'])
+        for result in ('new', 'reused', 'failed'):
+            logins.add_metric([result], counters['login_' + result])
+        yield logins
+        yield GaugeMetricFamily('gimapproxy_cache_hit_ratio',
+                                'Reused logins over successful logins.',
+                                snap['cache_hit_ratio'])
+        backends = GaugeMetricFamily('gimapproxy_backend_connections',
+                                     'Server connections now, by state.', labels=['state'])
+        backends.add_metric(['active'], snap['backend_connections']['active'])
+        backends.add_metric(['cached'], snap['backend_connections']['cached'])
+        yield backends
+        yield CounterMetricFamily('gimapproxy_backend_connections_created',
+                                  'Server connections opened.', counters['backend_created'])
+        closed = CounterMetricFamily('gimapproxy_backend_connections_closed',
+                                     'Server connections closed, by reason.',
+                                     labels=['reason'])
+        for reason, count in sorted(self.closed.items()):
+            closed.add_metric([reason], count)
+        yield closed
+        latency = HistogramMetricFamily('gimapproxy_login_seconds',
+                                        'Time from LOGIN to its answer.', labels=['result'])
+        for result, counts in self._latency.items():
+            running, buckets = 0, []
+            for bound, count in zip(LATENCY_BUCKETS + (float('inf'),), counts):
+                running += count
+                buckets.append(('+Inf' if bound == float('inf') else repr(bound), running))
+            latency.add_metric([result], buckets, self._latency_sum[result])
+        yield latency
+        relayed = CounterMetricFamily('gimapproxy_relayed_bytes',
+                                      'Bytes relayed after login.', labels=['direction'])
+        relayed.add_metric(['client_to_server'], counters['bytes_in'])
+        relayed.add_metric(['server_to_client'], counters['bytes_out'])
+        yield relayed

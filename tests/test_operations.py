@@ -1,0 +1,226 @@
+"""Operations: metrics, stats, admin, reload, signals, tracing, privilege drop, embedding."""
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.backends import free_port
+from tests.conftest import REPO, start_proxy
+from tests.test_cli import BIN, start_daemon
+from tests.wire import Client
+
+
+def http(port, path, method='GET'):
+    request = urllib.request.Request('http://127.0.0.1:%d%s' % (port, path), method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, response.headers.get('Content-Type'), response.read()
+
+
+@pytest.fixture
+def stats_proxy(pymap):
+    port = free_port()
+    proxy = start_proxy(pymap, stats_listen='127.0.0.1:%d' % port)
+    proxy.stats_port = port
+    yield proxy
+    proxy.stop(2)
+
+
+def login_logout(proxy, user='demouser', password='demopass'):
+    with Client(proxy.server_port) as client:
+        assert client.login(user, password).startswith(b'L1 OK')
+        client.command(b'a', b'SELECT INBOX')
+        client.logout()
+
+
+def test_metrics_in_prometheus_format(stats_proxy):
+    login_logout(stats_proxy)
+    login_logout(stats_proxy)
+    status, content_type, body = http(stats_proxy.stats_port, '/metrics')
+    text = body.decode()
+    assert status == 200 and content_type.startswith('text/plain')
+    assert 'gimapproxy_logins_total{result="new"} 1.0' in text
+    assert 'gimapproxy_logins_total{result="reused"} 1.0' in text
+    assert 'gimapproxy_client_connections_total 2.0' in text
+    assert 'gimapproxy_backend_connections{state="cached"} 1.0' in text
+    assert 'gimapproxy_cache_hit_ratio 0.5' in text
+    assert 'gimapproxy_login_seconds_bucket{le="+Inf",result="reused"} 1.0' in text
+    assert re.search(r'gimapproxy_relayed_bytes_total\{direction="server_to_client"\} '
+                     r'[1-9]', text)
+
+
+def test_stats_json_and_the_stats_command(stats_proxy, tmp_path):
+    login_logout(stats_proxy)
+    stats = json.loads(http(stats_proxy.stats_port, '/stats')[2])
+    assert stats['logins'] == {'new': 1, 'reused': 0, 'failed': 0}
+    assert stats['backend_connections']['cached'] == 1
+    assert 'demopass' not in json.dumps(stats)
+    ini = tmp_path / 'proxy.ini'
+    ini.write_text('[gimapproxy]\nserver_hostname = 127.0.0.1\nstats_listen = 127.0.0.1:%d\n'
+                   % stats_proxy.stats_port)
+    result = subprocess.run([sys.executable, BIN, 'stats', '-c', str(ini)], timeout=30,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'logins\s+1 new\s+0 reused', result.stdout), result.stdout
+
+
+def test_admin_list_and_flush(stats_proxy, tmp_path):
+    login_logout(stats_proxy)
+    listing = json.loads(http(stats_proxy.stats_port, '/admin/cache')[2])
+    assert listing[0]['user'] == 'demouser' and len(listing[0]['cached_idle_seconds']) == 1
+    assert 'demopass' not in json.dumps(listing)
+    status, _, body = http(stats_proxy.stats_port, '/admin/flush?user=nobody', 'POST')
+    assert json.loads(body) == {'flushed': 0}
+    ini = tmp_path / 'proxy.ini'
+    ini.write_text('[gimapproxy]\nserver_hostname = 127.0.0.1\nstats_listen = 127.0.0.1:%d\n'
+                   % stats_proxy.stats_port)
+    result = subprocess.run([sys.executable, BIN, 'flush', '-c', str(ini), 'demouser'],
+                            timeout=30, capture_output=True, text=True)
+    assert result.returncode == 0 and 'flushed 1 ' in result.stdout, result
+    assert stats_proxy.cache.total == 0
+    login_logout(stats_proxy)
+    assert stats_proxy.counters['login_new'] == 2          # the flush forced a new login
+
+
+def test_admin_refused_outside_admin_networks(pymap):
+    port = free_port()
+    proxy = start_proxy(pymap, stats_listen='127.0.0.1:%d' % port,
+                        admin_networks='10.0.0.0/8')
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            http(port, '/admin/flush', 'POST')
+        assert info.value.code == 403
+        assert http(port, '/stats')[0] == 200
+        # Nothing admin-related on the IMAP port.
+        with Client(proxy.server_port) as client:
+            assert client.command(b'a', b'XPROXY_DUMPICC')[1].startswith(b'a BAD')
+    finally:
+        proxy.stop(2)
+
+
+def test_sighup_reloads_without_dropping_sessions(tmp_path, pymap):
+    process, port = start_daemon(tmp_path, pymap.port, cache_expiration_time=300)
+    ini = tmp_path / 'proxy.ini'
+    try:
+        session = Client(port)
+        assert session.login('demouser', 'demopass').startswith(b'L1 OK')
+        text = ini.read_text()
+        ini.write_text(text.replace('cache_expiration_time = 300', 'cache_expiration_time = 60')
+                       .replace('listen_port = %d' % port, 'listen_port = %d' % free_port()))
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert session.command(b'a', b'NOOP')[1].startswith(b'a OK')   # still there
+        ini.write_text(text + 'cache_size = lots\n')
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        with Client(port) as other:                                    # old port still
+            assert other.login('demouser', 'demopass').startswith(b'L1 OK')
+        session.logout()
+        session.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stderr.read()
+    assert 'reloaded: file=%s changed=cache_expiration_time' % ini in log, log
+    assert 'need a restart to take effect: keys=listen_port' in log
+    assert 'reload failed, configuration unchanged' in log and 'cache_size' in log
+
+
+def test_second_sigterm_exits_at_once(tmp_path, pymap):
+    process, port = start_daemon(tmp_path, pymap.port, shutdown_timeout=30)
+    try:
+        busy = Client(port)
+        busy.login('demouser', 'demopass')
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        assert time.monotonic() - started < 3
+        busy.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert 'second signal: exiting at once' in process.stderr.read()
+
+
+def test_trace_users_masks_secrets(pymap, proxy_log):
+    proxy = start_proxy(pymap, trace_users='demouser')
+    body = b'Subject: traced\r\n\r\nthe body of the message\r\n'
+    try:
+        with Client(proxy.server_port) as client:
+            client.login('demouser', 'demopass')
+            client.command(b'a', b'SELECT INBOX')
+            client.send(b'b APPEND INBOX {%d+}\r\n%s\r\n' % (len(body), body))
+            client.read_until_tagged(b'b')
+            client.command(b'c', b'LOGIN demouser demopass')         # identity change
+            plain = base64.b64encode(b'\0demouser\0demopass')
+            client.command(b'd', b'AUTHENTICATE PLAIN ' + plain)
+            client.logout()
+    finally:
+        proxy.stop(2)
+    traced = [line for line in proxy_log.lines if line.startswith('trace: ')]
+    text = '\n'.join(traced)
+    assert 'C: a SELECT INBOX' in text and re.search(r'S: a OK', text)
+    assert '<literal data, %d bytes>' % len(body) in text
+    assert 'C: c LOGIN <masked>' in text and 'C: d AUTHENTICATE <masked>' in text
+    assert 'demopass' not in text and plain.decode() not in text
+    assert 'the body of the message' not in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='needs root to drop privileges')
+def test_privilege_drop(tmp_path, pymap):
+    process, port = start_daemon(tmp_path, pymap.port, proc_username='nobody',
+                                 proc_groupname='nogroup')
+    try:
+        with Client(port) as client:
+            assert client.login('demouser', 'demopass').startswith(b'L1 OK')
+        status = open('/proc/%d/status' % process.pid).read()
+        uids = re.search(r'^Uid:\s+(.*)$', status, re.M).group(1).split()
+        assert set(uids) == {'65534'}, uids
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert 'privileges dropped: user=nobody uid=65534' in process.stderr.read()
+    bad = tmp_path / 'root.ini'
+    bad.write_text('[gimapproxy]\nserver_hostname = x\nproc_username = root\n')
+    result = subprocess.run([sys.executable, BIN, '-c', str(bad), '--check'],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and 'proc_username: the point is not to run as root' \
+        in result.stderr
+
+
+def test_embedding_example(tmp_path, pymap):
+    ini = tmp_path / 'proxy.ini'
+    imap_port, http_port = free_port(), free_port()
+    ini.write_text('[gimapproxy]\nlisten_port = %d\nserver_hostname = 127.0.0.1\n'
+                   'server_port = %d\n' % (imap_port, pymap.port))
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'examples',
+                                                             'embed_in_wsgi.py'),
+                                str(ini), str(http_port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert 'IMAP proxy on' in process.stdout.readline()
+        assert http(http_port, '/')[2] == b'the host application\n'
+        with Client(imap_port) as client:
+            assert client.login('demouser', 'demopass').startswith(b'L1 OK')
+            client.logout()
+        stats = json.loads(http(http_port, '/proxy/stats')[2])
+        assert stats['logins']['new'] == 1
+        assert b'gimapproxy_logins_total' in http(http_port, '/proxy/metrics')[2]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
