@@ -38,8 +38,9 @@ def log(msg):
 
 # --- processes ---------------------------------------------------------------------
 
-def start_proxy(workdir, server_port, cache_size):
-    """Start bin/gimapproxy on a free port; return (Popen, port, stderr path) once it greets."""
+def start_proxy(workdir, server_port, cache_size, stats_port=0):
+    """Start bin/gimapproxy on a free port; return (Popen, port, stderr path) once it greets.
+    With `stats_port`, the proxy also serves /metrics there."""
     port = free_port()
     ini = os.path.join(workdir, 'proxy-%d.ini' % port)
     with open(ini, 'w') as f:
@@ -47,6 +48,8 @@ def start_proxy(workdir, server_port, cache_size):
                 'server_hostname = %s\nserver_port = %d\ncache_size = %d\n'
                 'cache_expiration_time = 3600\nshutdown_timeout = 2\nlog_level = warning\n'
                 % (HOST, port, HOST, server_port, cache_size))
+        if stats_port:
+            f.write('stats_listen = %s:%d\n' % (HOST, stats_port))
     err_path = ini[:-4] + '.log'
     with open(err_path, 'wb') as err:
         proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'bin', 'gimapproxy'),
@@ -321,9 +324,29 @@ def print_report(report):
                   check['target_max_logins'], 'OK' if check['ok'] else 'FAILED'))
 
 
+def start_scraper(port, interval):
+    """Fetch /metrics every `interval` seconds in a daemon thread, as Prometheus would."""
+    import threading
+    import urllib.request
+
+    def scrape():
+        while True:
+            try:
+                with urllib.request.urlopen('http://%s:%d/metrics' % (HOST, port),
+                                            timeout=5) as response:
+                    response.read()
+            except OSError:
+                pass
+            time.sleep(interval)
+    threading.Thread(target=scrape, daemon=True).start()
+    log('scraping http://%s:%d/metrics every %gs' % (HOST, port, interval))
+
+
 def parse_args():
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--scrape', type=float, default=0, metavar='SECONDS',
+                   help='turn on stats_listen and fetch /metrics every SECONDS (0: off)')
     p.add_argument('--clients', default='1,16', type=lambda s: [int(c) for c in s.split(',')],
                    help='comma-separated concurrent client counts (default 1,16)')
     p.add_argument('--rounds', type=int, default=3,
@@ -363,7 +386,11 @@ def main():
     try:
         dovecot.start()
         if args.rounds > 0 and args.clients:
-            proxy, proxy_port, proxy_log = start_proxy(workdir, dovecot.port, args.cache_size)
+            stats_port = free_port() if args.scrape else 0
+            proxy, proxy_port, proxy_log = start_proxy(workdir, dovecot.port, args.cache_size,
+                                                       stats_port)
+            if stats_port:
+                start_scraper(stats_port, args.scrape)
             log('dovecot pid %d port %d; gimapproxy pid %d port %d; load generator: %s'
                 % (dovecot.pid, dovecot.port, proxy.pid, proxy_port, name))
             runs = measure_throughput(args, loadgen, dovecot, proxy, proxy_port)
