@@ -42,9 +42,9 @@ MAX_BAD_COMMANDS = 3
 WRITE_TIMEOUT = 60.0
 RECV_SIZE = 65536
 
-# Sending these texts would tell the client about the backend's reasons; the proxy
-# relays only the status and response code (R12).
-_REFUSAL_TEXT = {b'NO': b'Authentication failed.', b'BAD': b'Authentication failed.'}
+# The server's own text could tell the client more than it should; the proxy relays only
+# the status and response code, with this text (R12).
+_REFUSAL_TEXT = b'Authentication failed.'
 
 
 class SessionEnd(Exception):
@@ -414,8 +414,7 @@ class ClientSession:
                      printable(user), conn.id, printable(response.status),
                      printable(response.code))
             self.send(tag + b' ' + response.status + b' ' + code
-                      + _REFUSAL_TEXT.get(response.status, b'Authentication failed.')
-                      + b'\r\n')
+                      + _REFUSAL_TEXT + b'\r\n')
             return None
         except BackendError as exc:
             self.cache.unreserve(self.key)
