@@ -95,6 +95,7 @@ def serve(config) -> int:
 
     from .server import ProxyServer
 
+    raise_file_limit(config)
     server = ProxyServer(config)
     try:
         server.start()
@@ -133,6 +134,26 @@ def serve(config) -> int:
         for handler in handlers:
             handler.cancel()
     return 0
+
+
+def raise_file_limit(config) -> None:
+    """Raise the soft limit on open files towards what the configuration can use: two
+    per backend connection plus the clients. Logs when the hard limit is lower."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * config.cache_size + 1024
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError) as exc:
+        log.warning('cannot raise the open file limit: soft=%d wanted=%d error=%s', soft,
+                    want, exc)
+        return
+    if new < want:
+        log.warning('open file limit %d is below the %d that cache_size %d may need',
+                    new, want, config.cache_size)
 
 
 def reload(server) -> None:

@@ -20,6 +20,9 @@ from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, Pymap, require_dovecot
 from tests.tlsutil import TestPKI  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses (bin/gimapproxy, examples) import this checkout, whatever is installed.
+os.environ['PYTHONPATH'] = os.pathsep.join(
+    [REPO] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
 
 
 @dataclass
