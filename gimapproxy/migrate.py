@@ -337,6 +337,15 @@ def _syslog_prioritymask(m: _Migration, line: _Line) -> None:
     m.set('log_level', level, line)
 
 
+def _on_off(m: _Migration, line: _Line, when_on: str, when_off: str) -> None:
+    """A yes/no option gimapproxy has no key for: warn when it was on, note when off."""
+    value = m.boolean(line)
+    if value:
+        m.warn(line, when_on)
+    elif value is False:
+        m.note(line, when_off)
+
+
 def _enable_admin_commands(m: _Migration, line: _Line) -> None:
     value = m.boolean(line)
     text = ('gimapproxy has no XPROXY_* commands and nothing admin-related on the IMAP '
@@ -351,33 +360,24 @@ def _enable_admin_commands(m: _Migration, line: _Line) -> None:
 
 
 def _enable_select_cache(m: _Migration, line: _Line) -> None:
-    value = m.boolean(line)
-    if value:
-        m.warn(line, 'not carried over: gimapproxy never caches SELECT responses, on '
+    _on_off(m, line, 'not carried over: gimapproxy never caches SELECT responses, on '
                'purpose (R37): up-imapproxy\'s cache served stale EXISTS counts and the '
-               'wrong mailbox state, and was slower than a real SELECT')
-    elif value is False:
-        m.note(line, 'not needed: gimapproxy never caches SELECT responses (R37)')
+               'wrong mailbox state, and was slower than a real SELECT',
+            'not needed: gimapproxy never caches SELECT responses (R37)')
 
 
 def _send_tcp_keepalives(m: _Migration, line: _Line) -> None:
-    value = m.boolean(line)
-    if value:
-        m.warn(line, 'not carried over: gimapproxy sets no SO_KEEPALIVE. It drops a cached '
+    _on_off(m, line, 'not carried over: gimapproxy sets no SO_KEEPALIVE. It drops a cached '
                'connection as soon as the server closes it or speaks, expires idle ones '
-               'after cache_expiration_time, and clients reconnect on error')
-    elif value is False:
-        m.note(line, 'not needed: gimapproxy sets no SO_KEEPALIVE either')
+               'after cache_expiration_time, and clients reconnect on error',
+            'not needed: gimapproxy sets no SO_KEEPALIVE either')
 
 
 def _dns_rr(m: _Migration, line: _Line) -> None:
-    value = m.boolean(line)
-    if value:
-        m.warn(line, 'not carried over: gimapproxy resolves server_hostname for each new '
+    _on_off(m, line, 'not carried over: gimapproxy resolves server_hostname for each new '
                'server connection and tries its addresses in order (failover, not '
-               'rotation); put a load balancer in front of the servers to spread logins')
-    elif value is False:
-        m.note(line, 'not needed: gimapproxy resolves server_hostname for each new server '
+               'rotation); put a load balancer in front of the servers to spread logins',
+            'not needed: gimapproxy resolves server_hostname for each new server '
                'connection and tries its addresses in order')
 
 
