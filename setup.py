@@ -19,7 +19,7 @@ setup(
                       'prometheus_client>=0.16'],
     extras_require={
         'test': ['pytest>=7', 'pytest-timeout>=2', 'pymap>=0.36', 'trustme>=1.0',
-                 'supervisor>=4'],
+                 'supervisor>=4', 'hypothesis>=6'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',
