@@ -236,6 +236,21 @@ KEYS = (
     Key('cache_per_client_ip', _boolean, 'no',
         'Reuse a cached connection only for the same client address; needed when the '
         'server applies per-IP policy (Dovecot allow_nets).'),
+    # Limits (R46, R47).
+    Key('max_clients', _integer(1, 1000000), '5000',
+        'Most client connections at once; past it new clients get BYE and are closed.'),
+    Key('preauth_timeout', _seconds(1, 3600), '60',
+        'Seconds a client has to log in.'),
+    Key('idle_timeout', _seconds(1, 86400), '1800',
+        'Seconds of silence on both sides after login before the session is closed (an '
+        'IDLE kept alive by the server counts as traffic).'),
+    Key('max_line_length', _integer(512, 1048576), '8192',
+        'Longest command line before login, in bytes.'),
+    Key('max_literal_size', _integer(0, 1048576), '8192',
+        'Largest literal before login: a bigger synchronizing one gets NO, a '
+        'non-synchronizing one ends the session.'),
+    Key('write_timeout', _seconds(1, 3600), '60',
+        'Seconds a write to a client may block before the client counts as gone.'),
     # Operations.
     Key('stats_listen', _host_port, '',
         'host:port for HTTP /metrics (Prometheus), /stats (JSON) and /admin; empty: off.'),
@@ -291,6 +306,12 @@ class ProxyConfig:
     forward_client_ip: bool
     trusted_networks: tuple
     cache_per_client_ip: bool
+    max_clients: int
+    preauth_timeout: float
+    idle_timeout: float
+    max_line_length: int
+    max_literal_size: int
+    write_timeout: float
     stats_listen: Optional[tuple]
     admin_networks: tuple
     trace_users: frozenset

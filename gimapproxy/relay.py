@@ -34,9 +34,7 @@ log = logging.getLogger('gimapproxy.relay')
 
 # After login: Dovecot's imap_max_line_length is 64 KiB; leave room above it.
 MAX_COMMAND_LINE = 128 * 1024
-IDLE_TIMEOUT = 30 * 60.0      # silence on both sides, as the original's hard-coded limit
 LOGOUT_WAIT = 60.0            # for replies to commands pipelined before LOGOUT
-WRITE_TIMEOUT = 60.0
 RECV_SIZE = 65536
 
 # Commands after which the connection is never cached (R14, R31): identity changes, and
@@ -81,6 +79,8 @@ class Relay:
         self.framer = session.framer                 # the client side
         self.conn: BackendConnection = session.entry.conn
         self.counters = session.server.counters
+        self.idle_timeout = session.config.idle_timeout
+        self.write_timeout = session.config.write_timeout
         user = (session.user or b'').decode('utf-8', 'replace')
         self.trace = user in session.config.trace_users     # protocol trace at debug
         self.masking = False              # the command being traced carries a secret
@@ -274,15 +274,16 @@ class Relay:
             self.last_activity = time.monotonic()
 
     def recv_client(self) -> bytes:
-        """Read client bytes; b'' at EOF, error, or IDLE_TIMEOUT of silence both ways."""
+        """Read client bytes; b'' at EOF, error, or idle_timeout of silence both ways."""
         while True:
             if self.pump_error is not None:
                 return b''
-            self.sock.settimeout(max(1.0, self.last_activity + IDLE_TIMEOUT - time.monotonic()))
+            self.sock.settimeout(max(0.1, self.last_activity + self.idle_timeout
+                                     - time.monotonic()))
             try:
                 data = self.sock.recv(RECV_SIZE)
             except socket.timeout:
-                if time.monotonic() - self.last_activity >= IDLE_TIMEOUT:
+                if time.monotonic() - self.last_activity >= self.idle_timeout:
                     self.send_local(b'* BYE Idle timeout.\r\n')
                     return b''
                 continue
@@ -320,7 +321,7 @@ class Relay:
                         self.client_lock.acquire()
                         holding = True
                     data = b''.join(out) if len(out) > 1 else out[0]
-                    with gevent.Timeout(WRITE_TIMEOUT, OSError('write timeout')):
+                    with gevent.Timeout(self.write_timeout, OSError('write timeout')):
                         self.sock.sendall(data)
                     self.counters['bytes_out'] += len(data)
                     if framer.at_boundary:
@@ -457,7 +458,7 @@ class Relay:
             self.sticky = 'no reply to commands pipelined before LOGOUT'
             return 'logout timeout'
         # With the lock held the pump is between responses: stopping it loses no reply.
-        if not self.client_lock.acquire(timeout=WRITE_TIMEOUT):
+        if not self.client_lock.acquire(timeout=self.write_timeout):
             return 'logout timeout'
         try:
             self.stop_pump()

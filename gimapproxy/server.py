@@ -123,14 +123,25 @@ class ProxyServer(StreamServer):
         gevent.joinall([gevent.spawn(entry.conn.logout, 'shutdown') for entry in entries])
         log.info('stopped: cached connections logged out=%d', len(entries))
 
-    def handle(self, sock, address) -> None:
+    def handle(self, sock, address, implicit_tls: bool = False) -> None:
         """Run one client's session (called by StreamServer in a pool greenlet)."""
         self.counters['clients'] += 1
-        ClientSession(self, sock, address).run()
+        if len(self.pool) > self.config.max_clients:
+            # R47: refuse, and keep accepting; the pool counts this greenlet too.
+            self.counters['clients_refused'] += 1
+            log.warning('client refused: peer=%s:%s reason=max_clients %d reached',
+                        address[0], address[1], self.config.max_clients)
+            try:
+                if not implicit_tls:
+                    sock.sendall(b'* BYE Too many connections, try again later.\r\n')
+            except OSError:
+                pass
+            sock.close()
+            return
+        ClientSession(self, sock, address, implicit_tls).run()
 
     def _handle_tls(self, sock, address) -> None:
-        self.counters['clients'] += 1
-        ClientSession(self, sock, address, implicit_tls=True).run()
+        self.handle(sock, address, implicit_tls=True)
 
     def reload(self, config: ProxyConfig) -> tuple[list, list]:
         """Take a new configuration without dropping sessions.

@@ -34,12 +34,8 @@ log = logging.getLogger('gimapproxy.session')
 PRELOGIN_CAPABILITIES = b'IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN AUTH=LOGIN'
 
 # Limits before login (R46), as Dovecot's imap-login applies them.
-PRELOGIN_MAX_LINE = 8192
-PRELOGIN_MAX_LITERAL = 8192
-PRELOGIN_MAX_COMMAND = 3 * 8192
-PRELOGIN_TIMEOUT = 60.0
+# (max_line_length, max_literal_size, preauth_timeout and write_timeout are settings.)
 MAX_BAD_COMMANDS = 3
-WRITE_TIMEOUT = 60.0
 RECV_SIZE = 65536
 
 # The server's own text could tell the client more than it should; the proxy relays only
@@ -74,7 +70,7 @@ class ClientSession:
         self.implicit_tls = implicit_tls
         self.tls = False
         self.client_id: list = []                 # the client's own pre-login ID fields
-        self.framer = Framer(PRELOGIN_MAX_LINE)
+        self.framer = Framer(self.config.max_line_length)
         self.bad_commands = 0
         self.user: Optional[bytes] = None
         self.key: Optional[tuple] = None          # (authzid, user) once LOGIN is parsed
@@ -91,7 +87,7 @@ class ClientSession:
             log.info('client connected: id=%s peer=%s tls=%s', self.id, self.peer,
                      'implicit' if self.implicit_tls else 'no')
             if self.implicit_tls:
-                self.start_tls(time.monotonic() + PRELOGIN_TIMEOUT)
+                self.start_tls(time.monotonic() + self.config.preauth_timeout)
             self.send(b'* OK [CAPABILITY ' + self.capabilities + b'] gimapproxy ready.\r\n')
             if self.authenticate():
                 reason = Relay(self).run()
@@ -148,7 +144,7 @@ class ClientSession:
         self.send(command.tag + b' OK Begin TLS negotiation now.\r\n')
         # R50, RFC 3501 section 6.2.1: bytes pipelined after STARTTLS came in clear
         # text and are thrown away; the TLS session starts from nothing.
-        self.framer = Framer(PRELOGIN_MAX_LINE)
+        self.framer = Framer(self.config.max_line_length)
         self.start_tls(deadline)
         return False
 
@@ -166,7 +162,7 @@ class ClientSession:
         Raises:
             SessionEnd: LOGOUT, timeout, too many bad commands, oversized input.
         """
-        deadline = time.monotonic() + PRELOGIN_TIMEOUT
+        deadline = time.monotonic() + self.config.preauth_timeout
         while True:
             data = self.read_command(deadline)
             try:
@@ -200,14 +196,14 @@ class ClientSession:
                 continue
             parts.append(event.data)
             size += len(event.data)
-            if size > PRELOGIN_MAX_COMMAND:
+            if size > 3 * (self.config.max_line_length + self.config.max_literal_size):
                 self.send_quietly(b'* BYE Command too long.\r\n')
                 raise SessionEnd('pre-login command too long')
             if isinstance(event, LiteralData) or event.literal is None:
                 if isinstance(event, Line):
                     return b''.join(parts)
                 continue
-            if event.literal > PRELOGIN_MAX_LITERAL:
+            if event.literal > self.config.max_literal_size:
                 # R46, RFC 7888 section 4: refuse a synchronizing literal with NO and no
                 # "+"; a non-synchronizing one is already on its way, so end the session.
                 if not event.sync:
@@ -504,7 +500,7 @@ class ClientSession:
 
     def send(self, data: bytes) -> None:
         """Write one whole response in one send. Raises SessionEnd if the client is gone."""
-        self.sock.settimeout(WRITE_TIMEOUT)
+        self.sock.settimeout(self.config.write_timeout)
         try:
             self.sock.sendall(data)
         except OSError as exc:
