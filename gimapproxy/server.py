@@ -95,6 +95,7 @@ class ProxyServer(StreamServer):
             super().stop(0)
             raise
         self._expiry = gevent.spawn(self._run_expiry)
+        gevent.spawn(self.check_server)
         log.info('listening: address=%s:%d tls_port=%s server=%s:%d server_tls=%s '
                  'cache_size=%d', self.address[0], self.address[1],
                  self.tls_listener.server_port if self.tls_listener else '-',
@@ -204,6 +205,25 @@ class ProxyServer(StreamServer):
                 reason = 'expired: password checked %ds ago' % (now - entry.auth_time)
             gevent.spawn(entry.conn.logout, reason)
         return len(entries)
+
+    def check_server(self) -> bool:
+        """Connect to the server once and read its greeting (TLS included), to tell the
+        operator at start whether it is there; logins work or fail on their own anyway.
+        Returns True when it answered."""
+        from .backend import BackendConnection, BackendError
+        config = self.config
+        try:
+            conn = BackendConnection.connect(config.server_hostname, config.server_port,
+                                             config.connect_timeout, self.next_id('b'),
+                                             self.backend_tls)
+        except BackendError as exc:
+            log.warning('server check failed: server=%s:%d reason=%s (logins get NO '
+                        '[UNAVAILABLE] until it answers)', config.server_hostname,
+                        config.server_port, exc.reason)
+            return False
+        conn.logout('startup check')
+        log.info('server check: server=%s:%d ok', config.server_hostname, config.server_port)
+        return True
 
     def _cached_connection_died(self, entry) -> None:
         self.counters['cached_died'] += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from gevent import socket
 from gevent.server import StreamServer
 
 CAPS = b'IMAP4rev1 LITERAL+ UNSELECT IDLE'
@@ -17,12 +18,14 @@ class FakeImap:
     taking the client's tag and returning the bytes to send."""
 
     def __init__(self, replies: dict[bytes, Callable[[bytes], bytes]],
-                 greeting: bytes = b'* OK [CAPABILITY ' + CAPS + b' AUTH=PLAIN] fake ready\r\n'
-                 ) -> None:
+                 greeting: bytes = b'* OK [CAPABILITY ' + CAPS + b' AUTH=PLAIN] fake ready\r\n',
+                 port: int = 0) -> None:
+        """`greeting` None: accept and never say anything."""
         self.replies = replies
         self.greeting = greeting
         self.logins = 0
-        self.server = StreamServer(('127.0.0.1', 0), self.handle)
+        self.socks = set()               # open connections, ended by stop() as a restart would
+        self.server = StreamServer(('127.0.0.1', port), self.handle)
 
     @property
     def port(self) -> int:
@@ -34,10 +37,36 @@ class FakeImap:
 
     def stop(self) -> None:
         self.server.stop(1)
+        for sock in list(self.socks):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle(self, sock, address) -> None:
+        self.socks.add(sock)
+        try:
+            self.converse(sock)
+        except OSError:
+            pass                         # stop() ended the connection
+        finally:
+            self.socks.discard(sock)
+
+    def converse(self, sock) -> None:
+        if self.greeting is None:
+            sock.recv(1)                 # silent until the proxy gives up
+            sock.close()
+            return
         sock.sendall(self.greeting)
         reader = sock.makefile('rb')
+        try:
+            self.serve(sock, reader)
+        finally:
+            # Close the file too: the socket stays open while a file made from it is.
+            reader.close()
+            sock.close()
+
+    def serve(self, sock, reader) -> None:
         for line in reader:
             tag, _, rest = line.rstrip(b'\r\n').partition(b' ')
             name = rest.split(b' ')[0].upper()
@@ -48,7 +77,6 @@ class FakeImap:
                 sock.sendall(self.replies[name](tag))
             elif name == b'LOGOUT':
                 sock.sendall(b'* BYE bye\r\n' + tag + b' OK done\r\n')
-                break
+                return
             else:
                 sock.sendall(tag + b' OK done\r\n')
-        sock.close()

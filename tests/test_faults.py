@@ -1,0 +1,146 @@
+"""Faults a real server will not produce on demand, with the scripted fake server; and
+hostile input from clients. Nothing may hang, spin or leak."""
+import gc
+import os
+import time
+
+import gevent
+import greenlet
+
+from tests.backends import free_port
+from tests.conftest import Backend, start_proxy
+from tests.fakeimap import FakeImap
+from tests.wire import Client
+
+
+def live_greenlets() -> int:
+    return sum(1 for obj in gc.get_objects()
+               if isinstance(obj, greenlet.greenlet) and not obj.dead)
+
+
+def open_fds() -> int:
+    return len(os.listdir('/proc/self/fd'))
+
+
+def test_server_down_at_start_then_back(proxy_log):
+    port = free_port()
+    proxy = start_proxy(Backend('fake', FakeImap({}, port=port)), connect_timeout=1)
+    try:
+        gevent.sleep(0.2)
+        assert any(line.startswith('server check failed:') for line in proxy_log.lines)
+        with Client(proxy.server_port) as client:
+            started = time.monotonic()
+            assert client.login('u', 'p') == \
+                b'L1 NO [UNAVAILABLE] Server unavailable, try again later.\r\n'
+            assert time.monotonic() - started < 2
+        fake = FakeImap({}, port=port).start()              # the server comes back
+        try:
+            with Client(proxy.server_port) as client:
+                assert client.login('u', 'p').startswith(b'L1 OK')
+        finally:
+            fake.stop()
+    finally:
+        proxy.stop(2)
+
+
+def test_server_restart_while_connections_are_cached():
+    fake = FakeImap({}).start()
+    port = fake.port
+    proxy = start_proxy(Backend('fake', fake))
+    try:
+        with Client(proxy.server_port) as client:
+            client.login('u', 'p')
+            client.logout()
+        assert proxy.cache.cached_count == 1
+        fake.stop()                                        # the cached connection dies
+        fake = FakeImap({}, port=port).start()
+        with gevent.Timeout(5):
+            while proxy.cache.total:
+                gevent.sleep(0.02)
+        with Client(proxy.server_port) as client:          # no error for the client
+            assert client.login('u', 'p').startswith(b'L1 OK')
+            assert client.command(b'a', b'NOOP')[1].startswith(b'a OK')
+    finally:
+        proxy.stop(2)
+        fake.stop()
+
+
+def test_server_that_never_greets_is_bounded_and_leaks_nothing():
+    fake = FakeImap({}, greeting=None).start()
+    proxy = start_proxy(Backend('fake', fake), connect_timeout=0.5)
+    try:
+        gevent.sleep(1)                                    # the start-up check is done
+        gc.collect()
+        greenlets, fds = live_greenlets(), open_fds()
+        for _ in range(3):
+            with Client(proxy.server_port) as client:
+                started = time.monotonic()
+                assert client.login('u', 'p').startswith(b'L1 NO [UNAVAILABLE]')
+                assert time.monotonic() - started < 2
+        gevent.sleep(0.5)
+        gc.collect()
+        assert live_greenlets() <= greenlets and open_fds() <= fds
+        assert proxy.cache.total == 0
+    finally:
+        proxy.stop(2)
+        fake.stop()
+
+
+MALFORMED = [
+    b'x' * 70000 + b'\r\n',                          # a huge line
+    b'a LOGIN {99999999999}\r\n',                     # a literal out of range
+    b'a LOGIN {20000+}\r\n' + b'y' * 20000,           # too big, non-synchronizing
+    b'a LOGIN {5}\r\n',                               # then silence: the login timeout
+    b'\x00\x00\x00 NOOP\r\n' * 5,
+    b'a NOOP\nb NOOP\n',                              # bare LF
+    bytes(range(128, 256)) * 10 + b'\r\n',            # 8-bit garbage
+    b'a AUTHENTICATE PLAIN\r\n*\r\n' * 4,
+    b'a ID (' + b'"k" "v" ' * 40 + b')\r\n',          # too many ID pairs
+    b'+ \r\n* OK\r\n',
+]
+
+
+def test_hostile_clients_do_not_disturb_a_good_one(pymap):
+    proxy = start_proxy(pymap, preauth_timeout=2, write_timeout=2)
+    try:
+        rss = int(open('/proc/self/statm').read().split()[1])
+        hostile_done = []
+
+        def hostile(round_):
+            for data in MALFORMED:
+                try:
+                    with Client(proxy.server_port, timeout=5) as client:
+                        client.send(data)
+                        client.sock.settimeout(0.2)
+                        try:
+                            client.read_eof()
+                        except OSError:
+                            pass
+                except OSError:
+                    pass
+            hostile_done.append(round_)
+
+        def flood():
+            # A great many pipelined NOOPs, never read: bounded by write_timeout.
+            try:
+                with Client(proxy.server_port, timeout=5) as client:
+                    client.send(b'a NOOP\r\n' * 100000)
+            except OSError:
+                pass
+
+        workers = [gevent.spawn(hostile, n) for n in range(100)] + [gevent.spawn(flood)]
+        slowest = 0.0
+        while not all(worker.dead for worker in workers):
+            started = time.monotonic()
+            with Client(pymap.port and proxy.server_port) as client:
+                assert client.login('demouser', 'demopass').startswith(b'L1 OK')
+                client.logout()
+            slowest = max(slowest, time.monotonic() - started)
+            gevent.sleep(0.05)
+        gevent.joinall(workers, timeout=30)
+        assert len(hostile_done) == 100                  # 1,000 malformed inputs sent
+        assert slowest < 2.0, 'a good client waited %.1fs' % slowest
+        grown = (int(open('/proc/self/statm').read().split()[1]) - rss) * 4096
+        assert grown < 100 * 1024 * 1024, 'memory grew by %d bytes' % grown
+    finally:
+        proxy.stop(2)
