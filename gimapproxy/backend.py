@@ -32,8 +32,6 @@ MAX_SERVER_LINE = 16 * 1024 * 1024
 # Untagged data the proxy reads and drops while it runs its own command.
 MAX_DISCARD = 4 * 1024 * 1024
 RECV_SIZE = 65536
-LOGIN_TIMEOUT = 30.0        # Dovecot delays failed logins by up to 15 s (auth penalty)
-RESET_TIMEOUT = 10.0
 # A client that leaves mid-command: how much of the rest the proxy reads and drops to keep
 # the connection (R24). A 10 MB FETCH fits; a bigger one costs a new login instead.
 FINISH_BUDGET = 32 * 1024 * 1024
@@ -177,7 +175,7 @@ class BackendConnection:
             raise BackendUnavailable(describe_error(exc)) from None
         self.tls = tls
 
-    def identify(self, fields: list) -> None:
+    def identify(self, fields: list, timeout: float) -> None:
         """Send ID with `fields` (name, value byte pairs) as the first command, when the
         server offers ID (R41). A refusal is logged, not fatal.
 
@@ -192,13 +190,13 @@ class BackendConnection:
                 items.append(quote(name) + b' ' + quote(value))
             except ValueError:
                 continue              # a value that needs a literal: leave it out
-        with gevent.Timeout(LOGIN_TIMEOUT, BackendUnavailable('ID timeout')):
+        with gevent.Timeout(timeout, BackendUnavailable('ID timeout')):
             response, _ = self._command(b'ID (' + b' '.join(items) + b')')
         if response.status != b'OK':
             log.info('backend refused ID: id=%s status=%s', self.id,
                      printable(response.status))
 
-    def login(self, authzid: bytes, user: bytes, password: bytes) -> None:
+    def login(self, authzid: bytes, user: bytes, password: bytes, timeout: float) -> None:
         """Authenticate as `user`; on success `capabilities` holds the post-login list.
 
         AUTHENTICATE PLAIN is preferred (it carries an authzid and UTF-8), LOGIN is the
@@ -211,7 +209,7 @@ class BackendConnection:
             BackendDesync: the server answered with a tag we did not send.
         """
         caps = self.capability_set()
-        with gevent.Timeout(LOGIN_TIMEOUT, BackendUnavailable('login timeout')):
+        with gevent.Timeout(timeout, BackendUnavailable('login timeout after %gs' % timeout)):
             if b'LOGINDISABLED' in caps:
                 raise BackendUnavailable('server says LOGINDISABLED: it wants TLS '
                                          '(see server_tls)')
@@ -289,7 +287,7 @@ class BackendConnection:
         self.send(tag + b' ' + text + b'\r\n')
         return self._read_tagged(tag)
 
-    def reset(self) -> None:
+    def reset(self, timeout: float) -> None:
         """Bring the session back to "logged in, nothing selected" for the next client.
 
         Deselects without expunging: UNSELECT when the post-login capabilities list it
@@ -302,7 +300,7 @@ class BackendConnection:
         Raises:
             BackendError: timeout, EOF, BYE, a foreign tag, or an unexpected answer.
         """
-        with gevent.Timeout(RESET_TIMEOUT, BackendUnavailable('reset timeout')):
+        with gevent.Timeout(timeout, BackendUnavailable('reset timeout after %gs' % timeout)):
             deselect = None
             if self.selected is not False:
                 caps = self.capability_set()

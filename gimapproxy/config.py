@@ -249,6 +249,12 @@ KEYS = (
     Key('max_literal_size', _integer(0, 1048576), '8192',
         'Largest literal before login: a bigger synchronizing one gets NO, a '
         'non-synchronizing one ends the session.'),
+    Key('login_timeout', _seconds(0.1, 600), '30',
+        'Seconds the server may take to answer a login (Dovecot delays failed logins by '
+        'up to 15 s).'),
+    Key('reset_timeout', _seconds(0.1, 600), '10',
+        'Seconds the server may take to reset a connection for reuse; past it the '
+        'connection is closed.'),
     Key('write_timeout', _seconds(1, 3600), '60',
         'Seconds a write to a client may block before the client counts as gone.'),
     # Operations.
@@ -311,6 +317,8 @@ class ProxyConfig:
     idle_timeout: float
     max_line_length: int
     max_literal_size: int
+    login_timeout: float
+    reset_timeout: float
     write_timeout: float
     stats_listen: Optional[tuple]
     admin_networks: tuple

@@ -398,8 +398,8 @@ class ClientSession:
             if self.config.forward_client_ip:
                 conn.identify(id_fields(self.client_id, self.address,
                                         self.sock.getsockname()[:2], self.session_id,
-                                        self.trusted))
-            conn.login(authzid, user, password)
+                                        self.trusted), self.config.login_timeout)
+            conn.login(authzid, user, password, self.config.login_timeout)
         except LoginRefused as refused:
             self.cache.unreserve(self.key)
             conn.close('login refused', quiet=True)
@@ -442,7 +442,7 @@ class ClientSession:
             self.drop_backend('not reusable after %s: %s' % (why, doubt))
             return
         try:
-            conn.reset()
+            conn.reset(self.config.reset_timeout)
         except BackendError as exc:
             self.drop_backend('reset failed: %s' % exc.reason)
             return

@@ -70,11 +70,11 @@ class FakeImap:
         for line in reader:
             tag, _, rest = line.rstrip(b'\r\n').partition(b' ')
             name = rest.split(b' ')[0].upper()
-            if name in (b'LOGIN', b'AUTHENTICATE'):
+            if name in self.replies:
+                sock.sendall(self.replies[name](tag))
+            elif name in (b'LOGIN', b'AUTHENTICATE'):
                 self.logins += 1
                 sock.sendall(tag + b' OK [CAPABILITY ' + CAPS + b'] Logged in\r\n')
-            elif name in self.replies:
-                sock.sendall(self.replies[name](tag))
             elif name == b'LOGOUT':
                 sock.sendall(b'* BYE bye\r\n' + tag + b' OK done\r\n')
                 return

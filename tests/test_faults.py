@@ -144,3 +144,71 @@ def test_hostile_clients_do_not_disturb_a_good_one(pymap):
         assert grown < 100 * 1024 * 1024, 'memory grew by %d bytes' % grown
     finally:
         proxy.stop(2)
+
+
+SECRET = 'S3cret-Pass!'
+
+
+def test_secrets_never_logged_on_any_login_error(proxy_log):
+    """R51: force an error at each login step; the password and its base64 forms must
+    not reach the log (the proxy logs at debug level here)."""
+    import base64
+    plain = base64.b64encode(b'\0someone\0' + SECRET.encode()).decode()
+    scripts = [
+        ({}, b'* BYE go away\r\n'),                                     # greeting BYE
+        ({b'AUTHENTICATE': lambda tag: tag + b' NO [AUTHENTICATIONFAILED] no\r\n'}, None),
+        ({b'AUTHENTICATE': lambda tag: b'zz1 OK wrong tag\r\n'}, None),  # desync
+        ({b'AUTHENTICATE': lambda tag: b''}, None),                      # never answers
+        ({b'AUTHENTICATE': lambda tag: b'* BYE leaving\r\n'}, None),     # gone mid-login
+    ]
+    for replies, greeting in scripts:
+        kwargs = {'greeting': greeting} if greeting else {}
+        fake = FakeImap(replies, **kwargs).start()
+        proxy = start_proxy(Backend('fake', fake), connect_timeout=1, login_timeout=1)
+        try:
+            with Client(proxy.server_port) as client:
+                client.send(b'a AUTHENTICATE PLAIN ' + plain.encode() + b'\r\n')
+                assert client.read_until_tagged(b'a')[1].startswith(b'a NO')
+                client.send(b'b LOGIN someone "%s"\r\n' % SECRET.encode())
+                assert client.read_until_tagged(b'b')[1].startswith(b'b NO')
+        finally:
+            proxy.stop(2)
+            fake.stop()
+    text = '\n'.join(proxy_log.lines)
+    for secret in (SECRET, plain, base64.b64encode(SECRET.encode()).decode()):
+        assert secret not in text
+    assert text.count('login failed:') == 2 * len(scripts)
+
+
+def test_client_half_close_at_every_step_no_spin_no_leak(pymap):
+    import resource
+    import socket
+    proxy = start_proxy(pymap)
+    steps = [
+        b'',                                              # right after the greeting
+        b'a LOGIN {8}\r\n',                               # inside a LOGIN literal
+        b'a LOGIN demouser demopass\r\n',                  # logged in
+        b'a LOGIN demouser demopass\r\nb SELECT INBOX\r\nc IDLE\r\n',          # in IDLE
+        b'a LOGIN demouser demopass\r\nb APPEND INBOX {50}\r\nhalf',           # in a literal
+    ]
+    try:
+        gevent.sleep(0.3)
+        gc.collect()
+        greenlets, fds = live_greenlets(), open_fds()
+        for data in steps:
+            with Client(proxy.server_port) as client:
+                client.send(data)
+                gevent.sleep(0.2)
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                client.sock.shutdown(socket.SHUT_WR)          # half-close
+                client.sock.settimeout(5)
+                client.read_eof()                             # the proxy closes too
+                gevent.sleep(0.5)
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                spent = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                assert spent < 0.3, 'the proxy spun for %.2fs after a half-close' % spent
+        gevent.sleep(0.5)
+        gc.collect()
+        assert live_greenlets() <= greenlets and open_fds() <= fds + 1   # + one cached
+    finally:
+        proxy.stop(2)
