@@ -170,7 +170,7 @@ class BackendConnection:
     def _start_tls(self, tls) -> None:
         from .tls import describe_error
         try:
-            self.sock = tls.wrap(self.sock)
+            self.sock = tls.wrap(self.sock, self.address[0])
         except (OSError, ValueError) as exc:
             raise BackendUnavailable(describe_error(exc)) from None
         self.tls = tls

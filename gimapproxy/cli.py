@@ -179,11 +179,11 @@ def warm_up(config) -> None:
     import gevent
     from gevent import socket
     gevent.get_hub().resolver
+    host, port = config.servers[0]
     try:
-        socket.getaddrinfo(config.server_hostname, config.server_port)
+        socket.getaddrinfo(host, port)
     except OSError as exc:
-        log.warning('cannot resolve the server yet: host=%s error=%s',
-                    config.server_hostname, exc)
+        log.warning('cannot resolve the server yet: host=%s error=%s', host, exc)
 
 
 def drop_privileges(user: str, group: Optional[str]) -> None:

@@ -48,10 +48,27 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
-def _host(text: str) -> str:
-    if not text or any(c.isspace() for c in text):
+def _hosts(text: str) -> str:
+    entries = text.replace(',', ' ').split()
+    if not entries:
         raise ValueError('%r is not a host name or address' % text)
-    return text
+    for entry in entries:
+        _split_host(entry, 143)
+    return ' '.join(entries)
+
+
+def _split_host(entry: str, default_port: int) -> tuple:
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 address -> (host, port)."""
+    if entry.startswith('['):
+        host, _, rest = entry[1:].partition(']')
+        port = rest[1:] if rest.startswith(':') else ''
+    elif entry.count(':') == 1:
+        host, _, port = entry.partition(':')
+    else:
+        host, port = entry, ''
+    if not host or (port and (not port.isdigit() or not 0 < int(port) < 65536)):
+        raise ValueError('%r is not host or host:port' % entry)
+    return host, int(port) if port else default_port
 
 
 def _address(text: str) -> str:
@@ -166,8 +183,9 @@ KEYS = (
         'Address to accept clients on; * for all addresses.'),
     Key('listen_port', _integer(0, 65535), '1143',
         'Port to accept clients on (0: any free port, for tests).'),
-    Key('server_hostname', _host, None,
-        'Host name or address of the IMAP server.'),
+    Key('server_hostname', _hosts, None,
+        'Host name or address of the IMAP server; several (space separated, each may be '
+        'host:port) spread users over them and fail over.'),
     Key('server_port', _integer(1, 65535), '143',
         'Port of the IMAP server.'),
     Key('cache_size', _integer(1, 1000000), '1000',
@@ -326,6 +344,11 @@ class ProxyConfig:
     proc_username: Optional[str]
     proc_groupname: Optional[str]
     source: str = '<dict>'
+
+    @property
+    def servers(self) -> list:
+        """The IMAP servers as (host, port) pairs, in the order given."""
+        return [_split_host(entry, self.server_port) for entry in self.server_hostname.split()]
 
     @property
     def client_tls(self) -> bool:

@@ -7,9 +7,11 @@ signals; `gimapproxy.cli` does that for the command-line daemon.
 from __future__ import annotations
 
 import collections
+import hashlib
 import ipaddress
 import itertools
 import logging
+import time
 from typing import Optional
 
 import gevent
@@ -57,6 +59,8 @@ class ProxyServer(StreamServer):
         self.counters: collections.Counter = self.metrics.counters
         self._ids = itertools.count(1)
         self._expiry: Optional[gevent.Greenlet] = None
+        # Per server (host, port): (failures in a row, monotonic time to try again).
+        self._down: dict[tuple, tuple] = {}
         self.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
         self.client_tls = client_context(config)
         if listener is None:
@@ -101,9 +105,10 @@ class ProxyServer(StreamServer):
                  self.tls_listener.server_port if self.tls_listener else '-',
                  self.config.server_hostname, self.config.server_port,
                  self.config.server_tls, self.config.cache_size)
-        if self.config.server_tls == 'off' and not _is_loopback(self.config.server_hostname):
-            log.warning('server_tls is off: passwords cross the network in clear text to '
-                        '%s (R15)', self.config.server_hostname)
+        for host, _ in self.config.servers:
+            if self.config.server_tls == 'off' and not _is_loopback(host):
+                log.warning('server_tls is off: passwords cross the network in clear text '
+                            'to %s (R15)', host)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, give open sessions up to `timeout` seconds (default
@@ -207,23 +212,47 @@ class ProxyServer(StreamServer):
         return len(entries)
 
     def check_server(self) -> bool:
-        """Connect to the server once and read its greeting (TLS included), to tell the
-        operator at start whether it is there; logins work or fail on their own anyway.
-        Returns True when it answered."""
+        """Connect to each server once and read its greeting (TLS included), to tell the
+        operator at start whether they are there; logins work or fail on their own
+        anyway. Returns True when all answered."""
         from .backend import BackendConnection, BackendError
-        config = self.config
-        try:
-            conn = BackendConnection.connect(config.server_hostname, config.server_port,
-                                             config.connect_timeout, self.next_id('b'),
-                                             self.backend_tls)
-        except BackendError as exc:
-            log.warning('server check failed: server=%s:%d reason=%s (logins get NO '
-                        '[UNAVAILABLE] until it answers)', config.server_hostname,
-                        config.server_port, exc.reason)
-            return False
-        conn.logout('startup check')
-        log.info('server check: server=%s:%d ok', config.server_hostname, config.server_port)
-        return True
+        config, healthy = self.config, True
+        for host, port in config.servers:
+            try:
+                conn = BackendConnection.connect(host, port, config.connect_timeout,
+                                                 self.next_id('b'), self.backend_tls)
+            except BackendError as exc:
+                log.warning('server check failed: server=%s:%d reason=%s (logins get NO '
+                            '[UNAVAILABLE] until it answers)', host, port, exc.reason)
+                self.server_failed((host, port))
+                healthy = False
+                continue
+            conn.logout('startup check')
+            log.info('server check: server=%s:%d ok', host, port)
+        return healthy
+
+    # -- several servers ------------------------------------------------------------------
+
+    def servers_for(self, user: bytes) -> list:
+        """The servers to try for `user`'s new connection, best first: rendezvous hashing
+        gives each user a stable order, so a user's sessions stay on one server while it
+        is up; servers marked down come last, until their retry time."""
+        def score(server):
+            text = user + b'\0' + ('%s:%d' % server).encode()
+            return hashlib.sha256(text).digest()
+        ordered = sorted(self.config.servers, key=score, reverse=True)
+        now = time.monotonic()
+        up = [server for server in ordered if self._down.get(server, (0, 0))[1] <= now]
+        return up + [server for server in ordered if server not in up]
+
+    def server_failed(self, server: tuple) -> None:
+        """Mark `server` down; it is tried again after 1, 2, 4 ... up to 60 seconds."""
+        failures = self._down.get(server, (0, 0))[0] + 1
+        self._down[server] = (failures, time.monotonic() + min(60, 2 ** (failures - 1)))
+
+    def server_ok(self, server: tuple) -> None:
+        if self._down.pop(server, None) is not None:
+            log.info('server back: server=%s:%d', *server)
 
     def _cached_connection_died(self, entry) -> None:
         self.counters['cached_died'] += 1

@@ -356,9 +356,10 @@ class ClientSession:
             reuse = b'* OK [XPROXYREUSE] IMAP connection reused by gimapproxy\r\n'
         self.send(reuse + tag + b' OK [CAPABILITY ' + conn.client_capabilities() + b'] '
                   + conn.login_text + b'\r\n')
-        log.info('login: id=%s user=%s method=%s backend=%s result=%s peer=%s origin=%s '
-                 'session=%s tls=%s time=%.1fms', self.id, printable(user), method, conn.id,
-                 result, self.peer, printable(self.origin), self.session_id,
+        log.info('login: id=%s user=%s method=%s backend=%s server=%s:%d result=%s peer=%s '
+                 'origin=%s session=%s tls=%s time=%.1fms', self.id, printable(user), method,
+                 conn.id, conn.address[0], conn.address[1], result, self.peer,
+                 printable(self.origin), self.session_id,
                  'yes' if self.tls else 'no', (time.monotonic() - started) * 1000)
         return True
 
@@ -388,11 +389,7 @@ class ClientSession:
                 'user limit' if victim.key == self.key else 'cache full'))
         conn = None
         try:
-            conn = BackendConnection.connect(self.config.server_hostname,
-                                             self.config.server_port,
-                                             self.config.connect_timeout,
-                                             self.server.next_id('b'),
-                                             self.server.backend_tls)
+            conn = self.connect_backend(user)
             conn.on_close = self.server.metrics.backend_closed
             self.server.count('backend_created')
             if self.config.forward_client_ip:
@@ -431,6 +428,28 @@ class ClientSession:
             # R20: the server accepted another password, so the old one may be wrong now.
             gevent.spawn(old.conn.logout, 'password changed')
         return entry
+
+    def connect_backend(self, user: bytes) -> BackendConnection:
+        """Connect to the first server that answers, in the user's order.
+
+        Raises:
+            BackendError: none answered; the last server's reason.
+        """
+        failure = None
+        for host, port in self.server.servers_for(user):
+            try:
+                conn = BackendConnection.connect(host, port, self.config.connect_timeout,
+                                                 self.server.next_id('b'),
+                                                 self.server.backend_tls)
+            except BackendError as exc:
+                log.warning('server failed: id=%s server=%s:%d reason=%s', self.id, host,
+                            port, exc.reason)
+                self.server.server_failed((host, port))
+                failure = exc
+                continue
+            self.server.server_ok((host, port))
+            return conn
+        raise failure
 
     # -- the backend connection's fate --------------------------------------------------------
 

@@ -26,7 +26,7 @@ class BackendTLS:
 
     def __init__(self, config: ProxyConfig) -> None:
         self.mode = config.server_tls
-        self.server_name = config.tls_server_name or config.server_hostname
+        self.server_name = config.tls_server_name    # None: each server's own host name
         context = ssl.create_default_context(cafile=config.tls_ca_file)
         if not config.tls_verify_server:
             context.check_hostname = False
@@ -40,13 +40,14 @@ class BackendTLS:
         self._session = None
         self.resumed = 0              # new connections that resumed an earlier session
 
-    def wrap(self, sock):
-        """Run the TLS handshake on `sock`, offering the last session for resumption.
+    def wrap(self, sock, host: str):
+        """Run the TLS handshake on `sock` with server `host` (checked and sent as SNI
+        unless tls_server_name says otherwise), offering the last session for resumption.
 
         Returns the TLS socket. Raises ssl.SSLError (ssl.SSLCertVerificationError when a
         certificate check fails) or OSError.
         """
-        return self.context.wrap_socket(sock, server_hostname=self.server_name,
+        return self.context.wrap_socket(sock, server_hostname=self.server_name or host,
                                         session=self._session)
 
     def remember(self, sock) -> None:
