@@ -112,9 +112,11 @@ class Relay:
             if self.pump_error:
                 reason = 'client gone: %s' % self.pump_error
             if reason != 'logout':
-                # The client left without LOGOUT: finish what it started and keep the
-                # backend if that leaves it clean (R24, R25).
+                # The client left without LOGOUT (or timed out): finish what it started
+                # and keep the backend if that leaves it clean (R24, R25). The client
+                # does not wait for that.
                 self.stop_pump()
+                self.session.close_client()
                 self.session.keep_backend(reason, self.settle())
             return reason
         except BackendError as exc:
@@ -479,6 +481,12 @@ class Relay:
             pump.kill(block=True)
 
     def send_local(self, data: bytes) -> None:
-        """Write a response of the proxy's own while the pump may be writing too."""
-        with self.client_lock:
+        """Write a response of the proxy's own while the pump may be writing too. When
+        the pump holds the client for longer than write_timeout (a server that stalls in
+        the middle of a response), the words are dropped rather than waited for."""
+        if not self.client_lock.acquire(timeout=self.write_timeout):
+            return
+        try:
             self.session.send_quietly(data)
+        finally:
+            self.client_lock.release()

@@ -212,3 +212,25 @@ def test_client_half_close_at_every_step_no_spin_no_leak(pymap):
         assert live_greenlets() <= greenlets and open_fds() <= fds + 1   # + one cached
     finally:
         proxy.stop(2)
+
+
+def test_server_that_stalls_mid_response_is_bounded():
+    """A FETCH answered with half a literal, then silence: idle_timeout ends the session
+    and the connection is not kept."""
+    fake = FakeImap({b'FETCH': lambda tag: b'* 1 FETCH (BODY[] {100}\r\nonly part'}).start()
+    proxy = start_proxy(Backend('fake', fake), idle_timeout=1, write_timeout=1)
+    try:
+        with Client(proxy.server_port) as client:
+            client.login('u', 'p')
+            client.send(b'a FETCH 1 BODY[]\r\n')
+            started = time.monotonic()
+            client.sock.settimeout(10)
+            data = client.read_eof()
+            assert data.startswith(b'* 1 FETCH (BODY[] {100}\r\nonly part')
+            assert time.monotonic() - started < 8
+        with gevent.Timeout(15):
+            while proxy.cache.total or len(proxy.pool):
+                gevent.sleep(0.1)
+    finally:
+        proxy.stop(2)
+        fake.stop()
