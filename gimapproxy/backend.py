@@ -386,10 +386,6 @@ class BackendConnection:
             if self.on_close is not None:
                 self.on_close(reason)
 
-    @property
-    def closed(self) -> bool:
-        return self.state is State.CLOSED
-
     def has_input(self) -> bool:
         """True when the server sent something that nobody has read yet (R30)."""
         if self.framer.buffered or (self.tls is not None and self.sock.pending()):

@@ -101,8 +101,6 @@ class Framer:
         self._scanned = 0       # bytes after _pos already searched for a line end
         self._literal_left = 0
         self._first = True
-        # Set when the last line announced a literal that has not started yet.
-        self.pending_literal: Optional[int] = None
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
@@ -133,7 +131,6 @@ class Framer:
         `+`) is never sent (RFC 3501 section 7.5); the command ends there.
         """
         self._literal_left = 0
-        self.pending_literal = None
         self._first = True
 
     def next_event(self) -> Union[Line, LiteralData, None]:
@@ -151,7 +148,6 @@ class Framer:
             size = min(avail, self._literal_left)
             self._pos = pos + size
             self._literal_left -= size
-            self.pending_literal = None
             return LiteralData(bytes(buf[pos:pos + size]), self._literal_left == 0)
         # A long line arrives in many pieces: search only the bytes not searched yet.
         end = buf.find(b'\n', pos + self._scanned)
@@ -173,7 +169,6 @@ class Framer:
         size, sync = announced
         self._first = False
         self._literal_left = size
-        self.pending_literal = size if size else None
         if not size:
             # An empty literal carries no bytes; the command goes on on the next line.
             return Line(data, first, 0, sync)

@@ -154,7 +154,7 @@ class Relay:
         names = set(self.inflight.values())
         if b'AUTHENTICATE' in names or b'ENABLE' in names:
             return 'client left inside %s' % b'/'.join(sorted(names)).decode()
-        if not self.inflight and self.conn.framer.at_boundary:
+        if self.doubt() is None:
             return None
         try:
             if self.continuation_tag is not None:
