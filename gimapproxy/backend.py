@@ -15,11 +15,12 @@ import time
 from typing import Optional
 
 import gevent
-from gevent import select, socket
+from gevent import socket
 
 from .logfmt import printable
 from .protocol import (Framer, Line, LiteralData, ProtocolError, Response, astring,
                        filter_capabilities, parse_response, quote)
+from .sockio import readable, send_all
 
 __all__ = ['BackendConnection', 'BackendError', 'BackendUnavailable', 'BackendDesync',
            'LoginRefused', 'State']
@@ -388,19 +389,14 @@ class BackendConnection:
 
     def has_input(self) -> bool:
         """True when the server sent something that nobody has read yet (R30)."""
-        if self.framer.buffered or (self.tls is not None and self.sock.pending()):
-            return True
-        try:
-            return bool(select.select([self.sock], [], [], 0)[0])
-        except (OSError, ValueError):
-            return True
+        return bool(self.framer.buffered) or readable(self.sock)
 
     # -- raw I/O for the relay ---------------------------------------------------------
 
     def send(self, data: bytes) -> None:
         """Write all of `data`. Raises BackendUnavailable when the socket fails."""
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data, self.sock.timeout)
         except OSError as exc:
             raise BackendUnavailable('send failed: %s' % (exc.strerror or exc)) from None
 
@@ -507,10 +503,21 @@ class BackendConnection:
                 return line[13:].split()
         return []
 
-    def capability_set(self) -> set[bytes]:
+    @property
+    def capabilities(self) -> list[bytes]:
+        return self._capabilities
+
+    @capabilities.setter
+    def capabilities(self, capabilities: list[bytes]) -> None:
+        # Worked out once here rather than on every login and reset, which ask for them.
+        self._capabilities = capabilities
+        self._capability_set = frozenset(cap.upper() for cap in capabilities)
+        self._client_capabilities = b' '.join(filter_capabilities(capabilities))
+
+    def capability_set(self) -> frozenset[bytes]:
         """The capabilities, upper-cased for comparison (RFC 3501 section 7.2.1)."""
-        return {cap.upper() for cap in self.capabilities}
+        return self._capability_set
 
     def client_capabilities(self) -> bytes:
         """The post-login capability list as a client of the proxy may see it (R39)."""
-        return b' '.join(filter_capabilities(self.capabilities))
+        return self._client_capabilities

@@ -18,6 +18,8 @@ _FORWARDING = (b'x-originating-', b'x-connected-', b'x-session-', b'x-proxy-ttl'
 
 def is_trusted(ip: str, networks: tuple) -> bool:
     """True when `ip` is inside one of `networks` (ipaddress networks)."""
+    if not networks:
+        return False
     try:
         address = ipaddress.ip_address(ip.split('%')[0])
     except ValueError:

@@ -27,6 +27,7 @@ from .backend import BackendConnection, BackendDesync, BackendError
 from .logfmt import printable
 from .protocol import (Line, LiteralData, ProtocolError, command_head, parse_response,
                        rewrite_capabilities)
+from .sockio import send_all
 
 __all__ = ['Relay']
 
@@ -309,22 +310,21 @@ class Relay:
             while True:
                 out = []
                 while True:
-                    event = framer.next_event()
+                    event = framer.next_event() if self.trace else framer.next_lines()
                     if event is None:
                         break
-                    if self.trace:
-                        self.trace_event('S', event)
-                    if isinstance(event, LiteralData) or not event.first:
+                    if isinstance(event, LiteralData):
                         out.append(event.data)
                     else:
-                        out.append(self.on_response(event.data))
+                        if self.trace:
+                            self.trace_event('S', event)
+                        out.append(self.on_lines(event.data, event.first))
                 if out:
                     if not holding:
                         self.client_lock.acquire()
                         holding = True
                     data = b''.join(out) if len(out) > 1 else out[0]
-                    with gevent.Timeout(self.write_timeout, OSError('write timeout')):
-                        self.sock.sendall(data)
+                    send_all(self.sock, data, self.write_timeout)
                     self.counters['bytes_out'] += len(data)
                     if framer.at_boundary:
                         self.client_lock.release()
@@ -360,6 +360,27 @@ class Relay:
         watcher = getattr(self.sock, '_read_event', None)
         if watcher is not None:
             gevent.get_hub().cancel_wait(watcher, socket.error(errno.ECANCELED, 'woken'))
+
+    def on_lines(self, data: bytes, first: bool) -> bytes:
+        """Look at the response heads among the whole lines in `data` (the first line is
+        the rest of a response unless `first`); return the bytes for the client.
+
+        Untagged data passes as it is, without a closer look, unless it may be a BYE,
+        an ENABLED reply or a capability list (see `on_response`).
+        """
+        lines = data.split(b'\n')            # ends in b'': data ends in a line end
+        changed = False
+        for i in range(0 if first else 1, len(lines) - 1):
+            line = lines[i]
+            if (line[:2] == b'* ' and line[2:6].upper() != b'BYE ' and not self.enabling
+                    and b'CAPABILITY' not in line[:60].upper()):
+                continue
+            line += b'\n'
+            answer = self.on_response(line)
+            if answer != line:
+                lines[i] = answer[:-1]
+                changed = True
+        return b'\n'.join(lines) if changed else data
 
     def on_response(self, line: bytes) -> bytes:
         """Note what the first line of a server response means; return it for the client.
@@ -453,14 +474,16 @@ class Relay:
         The reset runs before the answer, so that the same user's next login, which a
         webmail client sends right after, finds the connection in the cache.
         """
-        gevent.wait([self.quiet, self.pump], count=1, timeout=LOGOUT_WAIT)
+        if not self.quiet.is_set():
+            gevent.wait([self.quiet, self.pump], count=1, timeout=LOGOUT_WAIT)
         if self.pump.dead:
             return 'logout: %s' % self.pump_error        # run() looks at why
         if not self.quiet.is_set():
             self.sticky = 'no reply to commands pipelined before LOGOUT'
             return 'logout timeout'
         # With the lock held the pump is between responses: stopping it loses no reply.
-        if not self.client_lock.acquire(timeout=self.write_timeout):
+        if not (self.client_lock.acquire(blocking=False)
+                or self.client_lock.acquire(timeout=self.write_timeout)):
             return 'logout timeout'
         try:
             self.stop_pump()

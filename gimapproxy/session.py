@@ -25,6 +25,7 @@ from .logfmt import printable
 from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError, parse_command,
                        tag_of)
 from .relay import Relay
+from .sockio import send_all
 
 __all__ = ['ClientSession', 'PRELOGIN_CAPABILITIES']
 
@@ -519,13 +520,10 @@ class ClientSession:
 
     def send(self, data: bytes) -> None:
         """Write one whole response in one send. Raises SessionEnd if the client is gone."""
-        self.sock.settimeout(self.config.write_timeout)
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data, self.config.write_timeout)
         except OSError as exc:
             raise SessionEnd('client write failed: %s' % (exc.strerror or exc)) from None
-        finally:
-            self.sock.settimeout(None)
 
     def send_quietly(self, data: bytes) -> None:
         try:

@@ -46,6 +46,59 @@ def test_framer_lines_and_literals(step):
     ]
 
 
+def split_runs(events: list) -> list:
+    """next_event's events in next_lines' shape: every Line becomes (first line's
+    `first`, the lines' bytes, last line's literal and sync), runs of lines merged."""
+    runs = []
+    for event in events:
+        if isinstance(event, Line) and runs and isinstance(runs[-1], list) \
+                and runs[-1][2] is None:
+            runs[-1][1] += event.data
+            runs[-1][2:] = [event.literal, event.sync]
+        elif isinstance(event, Line):
+            runs.append([event.first, event.data, event.literal, event.sync])
+        else:
+            runs.append(event)
+    return runs
+
+
+SERVER_STREAM = (b'* OK [CAPABILITY IMAP4rev1] ready\r\n* 1 FETCH (BODY[] {12}\r\n'
+                 b'a1 OK\r\n* 2\r\n)\r\n* 2 EXISTS\r\n* 3 FETCH (X {0}\r\n {2+}\r\n'
+                 b'ab)\r\n+ go\r\na2 OK [x] {2}\r\n\r\n~{1}\r\nZ\n* 4 EXPUNGE\n')
+
+
+@pytest.mark.parametrize('step', SPLITS)
+def test_next_lines_cuts_where_next_event_does(step):
+    """next_lines returns runs of whole lines, cut after each literal announcement, and
+    the literals in between exactly as next_event does, whatever the split."""
+    framer = Framer(1000)
+    got = []
+    for start in range(0, len(SERVER_STREAM), step):
+        framer.feed(SERVER_STREAM[start:start + step])
+        while (event := framer.next_lines()) is not None:
+            if isinstance(event, Line):
+                last = event.data.rstrip(b'\n').rsplit(b'\n', 1)[-1] + b'\n'
+                announced = literal_of(last)
+                assert (event.literal, event.sync) == (announced or (None, False))
+            got.append(event)
+    assert framer.at_boundary and not framer.buffered
+    reference = frame(SERVER_STREAM, 10000)
+    assert b''.join(e.data for e in got) == SERVER_STREAM
+    assert [r for r in split_runs(got) if isinstance(r, list)] == \
+        [r for r in split_runs(reference) if isinstance(r, list)]
+
+
+def test_next_lines_limits():
+    framer = Framer(10)
+    framer.feed(b'* 1 FETCH (X {9999999999}\r\n')
+    with pytest.raises(BadLiteral):
+        framer.next_lines()
+    framer = Framer(10)
+    framer.feed(b'* a line without an end')
+    with pytest.raises(LineTooLong):
+        framer.next_lines()
+
+
 @pytest.mark.parametrize('step', SPLITS)
 def test_framer_boundary_tracking(step):
     framer = Framer(100)
