@@ -92,7 +92,7 @@ class BackendConnection:
         self.address = address
         self.framer = Framer(MAX_SERVER_LINE)
         self.state = State.CONNECTING
-        self.capabilities: list[bytes] = []
+        self.capabilities = []
         self.login_text = b'Logged in'
         self.selected: Optional[bool] = False
         self.profile: frozenset = frozenset()
@@ -304,8 +304,7 @@ class BackendConnection:
         with gevent.Timeout(timeout, BackendUnavailable('reset timeout after %gs' % timeout)):
             deselect = None
             if self.selected is not False:
-                caps = self.capability_set()
-                if b'UNSELECT' in caps or b'IMAP4REV2' in caps:
+                if self.can_unselect:
                     deselect = b'UNSELECT'
                 else:
                     deselect = (b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
@@ -505,18 +504,20 @@ class BackendConnection:
 
     @property
     def capabilities(self) -> list[bytes]:
-        return self._capabilities
+        return self._capabilities.split()
 
     @capabilities.setter
     def capabilities(self, capabilities: list[bytes]) -> None:
-        # Worked out once here rather than on every login and reset, which ask for them.
-        self._capabilities = capabilities
-        self._capability_set = frozenset(cap.upper() for cap in capabilities)
+        # Kept as one string (a list of thirty small ones costs kilobytes per cached
+        # connection); what every login and reset needs is worked out once, here.
+        self._capabilities = b' '.join(capabilities)
+        caps = self.capability_set()
+        self.can_unselect = b'UNSELECT' in caps or b'IMAP4REV2' in caps
         self._client_capabilities = b' '.join(filter_capabilities(capabilities))
 
     def capability_set(self) -> frozenset[bytes]:
         """The capabilities, upper-cased for comparison (RFC 3501 section 7.2.1)."""
-        return self._capability_set
+        return frozenset(self._capabilities.upper().split())
 
     def client_capabilities(self) -> bytes:
         """The post-login capability list as a client of the proxy may see it (R39)."""
