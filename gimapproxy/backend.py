@@ -20,7 +20,7 @@ from gevent import socket
 from .logfmt import printable
 from .protocol import (Framer, Line, LiteralData, ProtocolError, Response, astring,
                        filter_capabilities, parse_response, quote)
-from .sockio import readable, send_all
+from .sockio import readable, recv_when_ready, send_all
 
 __all__ = ['BackendConnection', 'BackendError', 'BackendUnavailable', 'BackendDesync',
            'LoginRefused', 'State']
@@ -399,10 +399,14 @@ class BackendConnection:
         except OSError as exc:
             raise BackendUnavailable('send failed: %s' % (exc.strerror or exc)) from None
 
-    def recv(self) -> bytes:
-        """Read what is there (b'' at EOF). Raises BackendUnavailable on a socket error."""
+    def recv(self, expect: bool = True) -> bytes:
+        """Read what is there (b'' at EOF); with `expect` False, after a whole response,
+        wait for more before trying (see sockio.recv_when_ready). Raises
+        BackendUnavailable on a socket error."""
         try:
-            return self.sock.recv(RECV_SIZE)
+            if expect:
+                return self.sock.recv(RECV_SIZE)
+            return recv_when_ready(self.sock, RECV_SIZE)
         except OSError as exc:
             raise BackendUnavailable('receive failed: %s' % (exc.strerror or exc)) from None
 

@@ -27,7 +27,7 @@ from .backend import BackendConnection, BackendDesync, BackendError
 from .logfmt import printable
 from .protocol import (Line, LiteralData, ProtocolError, command_head, parse_response,
                        rewrite_capabilities)
-from .sockio import send_all
+from .sockio import recv_when_ready, send_all
 
 __all__ = ['Relay']
 
@@ -101,10 +101,16 @@ class Relay:
         self.backend_lost = False                      # ...and whether the server side
         self.server_bye = False                        # the server's BYE was relayed
         self.last_activity = time.monotonic()
+        self.idle = False                             # idle_timeout passed: say BYE
+        self.idle_timer = None
 
     def run(self) -> str:
         """Relay until LOGOUT or either side leaves; return the reason the session ended."""
         self.framer.max_line = MAX_COMMAND_LINE
+        self.sock.settimeout(None)
+        tick = self.idle_timeout / 4
+        self.idle_timer = gevent.get_hub().loop.timer(tick, tick)
+        self.idle_timer.start(self.check_idle)
         self.pump = gevent.spawn(self.pump_server)
         try:
             reason = self.pump_client()
@@ -123,6 +129,7 @@ class Relay:
         except BackendError as exc:
             return 'backend ended: %s' % exc.reason
         finally:
+            self.idle_timer.close()
             self.stop_pump()
 
     def lost_backend(self) -> str:
@@ -278,22 +285,32 @@ class Relay:
 
     def recv_client(self) -> bytes:
         """Read client bytes; b'' at EOF, error, or idle_timeout of silence both ways."""
-        while True:
-            if self.pump_error is not None:
-                return b''
-            self.sock.settimeout(max(0.1, self.last_activity + self.idle_timeout
-                                     - time.monotonic()))
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except socket.timeout:
-                if time.monotonic() - self.last_activity >= self.idle_timeout:
-                    self.send_local(b'* BYE Idle timeout.\r\n')
-                    return b''
-                continue
-            except OSError:
-                return b''
-            self.last_activity = time.monotonic()
-            return data
+        if self.pump_error is not None:
+            return b''
+        if self.idle:
+            self.send_local(b'* BYE Idle timeout.\r\n')
+            return b''
+        try:
+            if self.framer.in_literal:
+                data = self.sock.recv(RECV_SIZE)        # an upload: more is on its way
+            else:
+                data = recv_when_ready(self.sock, RECV_SIZE)
+        except OSError:
+            if self.idle and self.pump_error is None:
+                self.send_local(b'* BYE Idle timeout.\r\n')
+            return b''
+        self.last_activity = time.monotonic()
+        return data
+
+    def check_idle(self) -> None:
+        """The idle timer's callback (in the hub): after idle_timeout of silence both
+        ways, wake the session greenlet, which says BYE. The timer ticks four times per
+        idle_timeout, so silence ends the session within 1.25 idle_timeout; the reads
+        themselves carry no timeout, which would cost a timer per read."""
+        if time.monotonic() - self.last_activity >= self.idle_timeout:
+            self.idle = True
+            self.idle_timer.stop()
+            self.wake_session()
 
     # -- server to client ----------------------------------------------------------------
 
@@ -331,7 +348,7 @@ class Relay:
                         holding = False
                     if not self.inflight:
                         self.quiet.set()
-                data = self.conn.recv()
+                data = self.conn.recv(expect=not framer.at_boundary)
                 if not data:
                     raise BackendError('server closed the connection')
                 self.last_activity = time.monotonic()

@@ -12,11 +12,13 @@ from typing import Optional
 import gevent
 from gevent import monkey, socket
 
-__all__ = ['send_all', 'readable']
+__all__ = ['send_all', 'recv_when_ready', 'readable']
 
-# The real select(), whether or not the process is monkey-patched: with a zero timeout
-# it never blocks, and it must not switch greenlets under the caller.
-_select = monkey.get_original('select', 'select')
+# The real poll(), whether or not the process is monkey-patched: with a zero timeout it
+# never blocks, and it must not switch greenlets under the caller. Not select(): it
+# cannot take a descriptor above 1023, and a busy proxy has thousands.
+_poll = monkey.get_original('select', 'poll')
+_POLLIN = monkey.get_original('select', 'POLLIN')
 
 
 def send_all(sock, data: bytes, timeout: Optional[float]) -> None:
@@ -39,13 +41,40 @@ def send_all(sock, data: bytes, timeout: Optional[float]) -> None:
                 sock.sendall(rest)
 
 
+def recv_when_ready(sock, size: int) -> bytes:
+    """Wait until `sock` (a gevent socket, plain or TLS) has something, then read up to
+    `size` bytes; b'' at EOF.
+
+    gevent's `recv` tries first and waits after EAGAIN, which costs an exception each
+    time. Right after a request or a response has gone out, nothing is there yet, so
+    this waits first. The wait is the socket's own (gevent's `_wait` on its read
+    watcher), so closing the socket or `hub.cancel_wait` ends it as they end a `recv`,
+    and the socket's timeout applies.
+
+    Raises:
+        OSError: as `recv` does (socket.timeout included).
+    """
+    if not _pending(sock) and sock._read_event is not None:    # None: closed
+        sock._wait(sock._read_event)
+    return sock.recv(size)
+
+
 def readable(sock) -> bool:
     """True when a read on `sock` would not block: bytes or EOF are waiting (a TLS
     socket's decrypted but unread bytes count). Never switches greenlets."""
-    pending = getattr(sock, 'pending', None)
-    if pending is not None and pending():
-        return True
     try:
-        return bool(_select([sock.fileno()], [], [], 0)[0])
+        if _pending(sock):
+            return True
+        poller = _poll()
+        poller.register(sock.fileno(), _POLLIN)
+        return bool(poller.poll(0))           # data, EOF, or an error: all mean "gone"
     except (OSError, ValueError):
         return True
+
+
+def _pending(sock) -> bool:
+    """True when a TLS socket holds decrypted bytes not read yet (the kernel cannot see
+    those). Looked up on the class: a gevent socket hands unknown attributes on to the
+    socket it wraps, which fails once closed."""
+    pending = getattr(type(sock), 'pending', None)
+    return pending is not None and bool(pending(sock))

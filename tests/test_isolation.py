@@ -5,6 +5,7 @@ the same user. Every test runs twice in a row against one running proxy per serv
 second run starts on the connections the first one cached.
 """
 import re
+import time
 
 import gevent
 import pytest
@@ -305,7 +306,10 @@ def test_per_user_cap(dovecot, special_proxy, proxy_log, round_):
         third.logout()       # a LOGOUT is answered once the connection is cached again
     active.logout()
     active.close()
-    assert any('reason=evicted: user limit' in line for line in proxy_log.lines)
+    deadline = time.monotonic() + 5      # the evicted connection logs out in the background
+    while not any('reason=evicted: user limit' in line for line in proxy_log.lines):
+        assert time.monotonic() < deadline, 'no eviction in the log'
+        time.sleep(0.05)
 
 
 def test_reuse_code_when_configured(dovecot):
