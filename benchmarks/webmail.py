@@ -17,129 +17,26 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from tests.backends import Dovecot, free_port  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (HOST, Dovecot, find_imapbench,  # noqa: E402
+                               finish_imapbench, fmt, free_port, log, on_signal,
+                               proc_cpu_rss, settled_logins, start_imapbench, start_proxy,
+                               stop_process)
 
-HOST = '127.0.0.1'
-IMAPBENCH_SRC = os.path.join(REPO, '..', 'shared', 'tools', 'imapbench.c')
 LITERAL_RE = re.compile(rb'\{(\d+)\+?\}\r\n$')
-
-
-def log(msg):
-    """Progress goes to stderr, so that --json keeps stdout clean."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-# --- processes ---------------------------------------------------------------------
-
-def start_proxy(workdir, server_port, cache_size, stats_port=0):
-    """Start bin/gimapproxy on a free port; return (Popen, port, stderr path) once it greets.
-    With `stats_port`, the proxy also serves /metrics there."""
-    port = free_port()
-    ini = os.path.join(workdir, 'proxy-%d.ini' % port)
-    with open(ini, 'w') as f:
-        f.write('[gimapproxy]\nlisten_address = %s\nlisten_port = %d\n'
-                'server_hostname = %s\nserver_port = %d\ncache_size = %d\n'
-                'cache_expiration_time = 3600\nshutdown_timeout = 2\nlog_level = warning\n'
-                % (HOST, port, HOST, server_port, cache_size))
-        if stats_port:
-            f.write('stats_listen = %s:%d\n' % (HOST, stats_port))
-    err_path = ini[:-4] + '.log'
-    with open(err_path, 'wb') as err:
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'bin', 'gimapproxy'),
-                                 '-c', ini], stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection((HOST, port), timeout=2) as s:
-                if s.recv(1024).startswith(b'* OK'):
-                    return proc, port, err_path
-        except OSError:
-            time.sleep(0.05)
-    stop_proxy(proc)
-    with open(err_path, errors='replace') as f:
-        raise RuntimeError('gimapproxy did not start on port %d:\n%s' % (port, f.read()[-2000:]))
-
-
-def stop_proxy(proc):
-    """SIGTERM the proxy by PID, SIGKILL it if it has not exited after 10 s."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def settled_logins(dovecot):
-    """Dovecot's login count once its log stops growing (its log process writes late)."""
-    count, deadline = dovecot.login_count(), time.monotonic() + 5
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        again = dovecot.login_count()
-        if again == count:
-            break
-        count = again
-    return count
-
-
-def proc_cpu_rss(pid):
-    """Return (CPU seconds, RSS kB) of a process from /proc (threads included)."""
-    with open('/proc/%d/stat' % pid) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-    with open('/proc/%d/status' % pid) as f:
-        rss = [int(line.split()[1]) for line in f if line.startswith('VmRSS:')]
-    return cpu, (rss[0] if rss else 0)
 
 
 # --- load generators ---------------------------------------------------------------
 
-def find_imapbench():
-    """Return the path of an imapbench binary ($IMAPBENCH, else built with gcc), or None."""
-    path = os.environ.get('IMAPBENCH')
-    if path:
-        if os.access(path, os.X_OK):
-            return path
-        log('IMAPBENCH=%s is not an executable; trying to build imapbench' % path)
-    src, gcc = os.path.abspath(IMAPBENCH_SRC), shutil.which('gcc')
-    if not os.path.exists(src) or gcc is None:
-        log('cannot build imapbench: %s' % ('no gcc' if gcc is None else 'no ' + src))
-        return None
-    cache = os.path.join(tempfile.gettempdir(), 'gimapproxy-bench-%d' % os.getuid())
-    binary = os.path.join(cache, 'imapbench')
-    if os.path.exists(binary) and os.path.getmtime(binary) >= os.path.getmtime(src):
-        return binary
-    os.makedirs(cache, exist_ok=True)
-    tmp = '%s.%d' % (binary, os.getpid())
-    out = subprocess.run([gcc, '-O2', '-o', tmp, src, '-lssl', '-lcrypto'],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        log('building imapbench failed:\n' + out.stderr[-1500:])
-        return None
-    os.replace(tmp, binary)
-    return binary
-
-
 def run_imapbench(binary, port, clients, users, seconds, warmup, proxy_pid):
     """One imapbench cycle run; return its JSON result as a dict."""
-    cmd = [binary, 'cycle', '--host', HOST, '--port', str(port), '--clients', str(clients),
-           '--users', '1-%d' % users, '--seconds', str(seconds), '--warmup', str(warmup),
-           '--timeout', '10', '--json']
-    if proxy_pid:
-        cmd += ['--proxy-pid', str(proxy_pid)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 60)
-    if out.returncode != 0 or not out.stdout.strip():
-        raise RuntimeError('imapbench failed (rc %d): %s' % (out.returncode, out.stderr))
-    result = json.loads(out.stdout)
+    result = finish_imapbench(start_imapbench(
+        binary, 'cycle', port, ['--clients', clients, '--users', '1-%d' % users, '--seconds',
+                                seconds, '--warmup', warmup, '--timeout', 10], proxy_pid))
     if proxy_pid:
         result['proxy_rss_kb'] = result['proxy_rss_kb'][-1]   # [start, mid, end]: the end
     else:
@@ -261,7 +158,7 @@ def summarize(runs):
 
 def fixed_count_check(args, dovecot, workdir):
     """Run exactly args.cycles cycles (one client, users rotating) through a fresh proxy."""
-    proxy, port, _ = start_proxy(workdir, dovecot.port, args.cache_size)
+    proxy, port, _ = start_proxy(workdir, dovecot.port, {'cache_size': args.cache_size})
     try:
         before, errors = settled_logins(dovecot), 0
         for i in range(args.cycles):
@@ -271,14 +168,9 @@ def fixed_count_check(args, dovecot, workdir):
                 errors += 1
         logins = settled_logins(dovecot) - before
     finally:
-        stop_proxy(proxy)
+        stop_process(proxy)
     return {'cycles': args.cycles, 'errors': errors, 'logins': logins,
             'target_max_logins': args.users, 'ok': logins <= args.users and not errors}
-
-
-def fmt(value, spec):
-    """Format a number, or '-' when it is missing."""
-    return '-' if value is None else format(value, spec)
 
 
 def print_report(report):
@@ -363,11 +255,6 @@ def parse_args():
     return p.parse_args()
 
 
-def on_signal(signum, frame):
-    """Turn SIGTERM/SIGINT into SystemExit, so that the finally blocks stop everything."""
-    raise SystemExit('interrupted by signal %d' % signum)
-
-
 def main():
     """Start Dovecot and the proxy, measure, report; always stop what was started."""
     args = parse_args()
@@ -387,21 +274,23 @@ def main():
         dovecot.start()
         if args.rounds > 0 and args.clients:
             stats_port = free_port() if args.scrape else 0
-            proxy, proxy_port, proxy_log = start_proxy(workdir, dovecot.port, args.cache_size,
-                                                       stats_port)
+            settings = {'cache_size': args.cache_size}
+            if stats_port:
+                settings['stats_listen'] = '%s:%d' % (HOST, stats_port)
+            proxy, proxy_port, proxy_log = start_proxy(workdir, dovecot.port, settings)
             if stats_port:
                 start_scraper(stats_port, args.scrape)
             log('dovecot pid %d port %d; gimapproxy pid %d port %d; load generator: %s'
                 % (dovecot.pid, dovecot.port, proxy.pid, proxy_port, name))
             runs = measure_throughput(args, loadgen, dovecot, proxy, proxy_port)
             report.update(summarize(runs))
-            stop_proxy(proxy)
+            stop_process(proxy)
             with open(proxy_log, errors='replace') as f:
                 report['proxy_log_lines'] = f.read().splitlines()[-20:]
         if args.cycles > 0:
             report['check'] = fixed_count_check(args, dovecot, workdir)
     finally:
-        stop_proxy(proxy)
+        stop_process(proxy)
         dovecot.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
