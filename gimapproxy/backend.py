@@ -420,7 +420,7 @@ class BackendConnection:
                 raise BackendDesync('framing error: %s' % exc) from None
             if event is not None:
                 return event
-            data = self.recv()
+            data = self.recv(expect=not self.framer.at_boundary)
             if not data:
                 raise BackendUnavailable('server closed the connection')
             self.framer.feed(data)

@@ -211,7 +211,7 @@ class ConnectionCache:
 
     def discard(self, entry: Entry) -> None:
         """Forget an entry (active or cached); the caller closes its connection."""
-        self._unwatch(entry)
+        self._unwatch(entry, done=True)
         self._idle.pop(entry, None)
         siblings = self._entries.get(entry.key)
         if siblings is not None and entry in siblings:
@@ -289,18 +289,21 @@ class ConnectionCache:
     def _watch(self, entry: Entry) -> None:
         # A cached connection must stay silent. Anything readable (an autologout BYE, a
         # server restart's EOF) means it is dead: drop it now, not at the next login.
-        try:
-            watcher = gevent.get_hub().loop.io(entry.conn.sock.fileno(), 1)
-        except (OSError, ValueError):
-            return
-        entry.watcher = watcher
-        watcher.start(self._readable, entry)
+        # The watcher is made once per entry and started each time it is cached.
+        if entry.watcher is None:
+            try:
+                entry.watcher = gevent.get_hub().loop.io(entry.conn.sock.fileno(), 1)
+            except (OSError, ValueError):
+                return
+        entry.watcher.start(self._readable, entry)
 
-    def _unwatch(self, entry: Entry) -> None:
+    def _unwatch(self, entry: Entry, done: bool = False) -> None:
+        """Stop watching a cached entry; with `done`, for good (it leaves the cache)."""
         if entry.watcher is not None:
             entry.watcher.stop()
-            entry.watcher.close()
-            entry.watcher = None
+            if done:
+                entry.watcher.close()
+                entry.watcher = None
 
     def _readable(self, entry: Entry) -> None:
         if entry.cached and entry.lock.acquire(blocking=False):

@@ -25,7 +25,7 @@ from .logfmt import printable
 from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError, parse_command,
                        tag_of)
 from .relay import Relay
-from .sockio import send_all
+from .sockio import recv_when_ready, send_all
 
 __all__ = ['ClientSession', 'PRELOGIN_CAPABILITIES']
 
@@ -506,7 +506,7 @@ class ClientSession:
             raise SessionEnd('login timeout')
         self.sock.settimeout(remaining)
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data = recv_when_ready(self.sock, RECV_SIZE)
         except socket.timeout:
             self.send_quietly(b'* BYE Login timeout.\r\n')
             raise SessionEnd('login timeout') from None
