@@ -289,7 +289,17 @@ class BackendConnection:
         return self._read_tagged(tag)
 
     def reset(self, timeout: float) -> None:
-        """Bring the session back to "logged in, nothing selected" for the next client.
+        """Bring the session back to "logged in, nothing selected" for the next client:
+        `start_reset` and `finish_reset` in one.
+
+        Raises:
+            BackendError: timeout, EOF, BYE, a foreign tag, or an unexpected answer.
+        """
+        self.finish_reset(self.start_reset(timeout), timeout)
+
+    def start_reset(self, timeout: float) -> list:
+        """Send the reset commands; return what `finish_reset` needs to read their
+        replies. The caller may do other work between the two (answer its client).
 
         Deselects without expunging: UNSELECT when the post-login capabilities list it
         (RFC 3691 section 2), else EXAMINE of a name that cannot exist, since a failed
@@ -299,26 +309,36 @@ class BackendConnection:
         pipelined: one round trip.
 
         Raises:
+            BackendUnavailable: the send failed or took longer than `timeout`.
+        """
+        deselect = None
+        if self.selected is not False:
+            if self.can_unselect:
+                deselect = b'UNSELECT'
+            else:
+                deselect = (b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
+                            + b'-no-such-mailbox"')
+        sent = [(self._next_tag(), command) for command in (deselect, b'NOOP') if command]
+        try:
+            send_all(self.sock, b''.join(tag + b' ' + command + b'\r\n'
+                                         for tag, command in sent), timeout)
+        except OSError as exc:
+            raise BackendUnavailable('reset failed: %s' % (exc.strerror or exc)) from None
+        return sent
+
+    def finish_reset(self, sent: list, timeout: float) -> None:
+        """Read the replies to the commands `start_reset` sent, within `timeout`.
+
+        Raises:
             BackendError: timeout, EOF, BYE, a foreign tag, or an unexpected answer.
         """
         with gevent.Timeout(timeout, BackendUnavailable('reset timeout after %gs' % timeout)):
-            deselect = None
-            if self.selected is not False:
-                if self.can_unselect:
-                    deselect = b'UNSELECT'
-                else:
-                    deselect = (b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
-                                + b'-no-such-mailbox"')
-            commands = [command for command in (deselect, b'NOOP') if command]
-            tags = [self._next_tag() for _ in commands]
-            self.send(b''.join(tag + b' ' + command + b'\r\n'
-                               for tag, command in zip(tags, commands)))
-            replies = {command: self._read_tagged(tag)[0].status
-                       for tag, command in zip(tags, commands)}
+            replies = {command: self._read_tagged(tag)[0].status for tag, command in sent}
             if replies[b'NOOP'] != b'OK':
                 raise BackendError('NOOP answered %s' % printable(replies[b'NOOP']))
-            if deselect:
-                self._check_deselect(deselect, replies[deselect])
+            for command in replies:
+                if command != b'NOOP':
+                    self._check_deselect(command, replies[command])
 
     def _check_deselect(self, command: bytes, status: bytes) -> None:
         if command == b'UNSELECT':

@@ -23,6 +23,7 @@ import time
 from typing import Callable, Hashable, Optional
 
 import gevent
+from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 
 __all__ = ['ConnectionCache', 'Entry', 'CacheFull', 'EMPTY_PROFILE']
@@ -44,7 +45,7 @@ class Entry:
     `retired` is set when the user's password changed: the entry is not cached again.
     """
     __slots__ = ('key', 'verifier', 'conn', 'lock', 'logout_time', 'auth_time', 'watcher',
-                 'retired')
+                 'retired', 'returning')
 
     def __init__(self, key: Hashable, verifier: bytes, conn, auth_time: float) -> None:
         self.key = key
@@ -55,6 +56,7 @@ class Entry:
         self.auth_time = auth_time
         self.watcher = None
         self.retired = False
+        self.returning: Optional[Event] = None    # set when a reset under way ends
 
     @property
     def cached(self) -> bool:
@@ -140,6 +142,28 @@ class ConnectionCache:
             return entry
         return None
 
+    def returning(self, entry: Entry) -> None:
+        """Note that an active entry is being reset to be cached, so that
+        `wait_returning` can wait for it; `release` or `discard` ends that."""
+        entry.returning = Event()
+
+    def wait_returning(self, key: Hashable, verifier: bytes, profile: frozenset,
+                       timeout: float) -> bool:
+        """Wait, at most `timeout` seconds, for an entry of `key` that is being reset to be
+        cached and that `checkout` could then hand out (same verifier and profile).
+        Returns False at once when there is none, else True once it is back or gone."""
+        for entry in self._entries.get(key, ()):
+            if (entry.returning is not None and entry.profile == profile
+                    and hmac.compare_digest(entry.verifier, verifier)):
+                entry.returning.wait(timeout)
+                return True
+        return False
+
+    def _returned(self, entry: Entry) -> None:
+        if entry.returning is not None:
+            entry.returning.set()
+            entry.returning = None
+
     def reserve(self, key: Hashable) -> list[Entry]:
         """Take a slot for a new backend connection of `key`.
 
@@ -207,10 +231,12 @@ class ConnectionCache:
         self._idle[entry] = None
         self._watch(entry)
         entry.lock.release()
+        self._returned(entry)
         return True
 
     def discard(self, entry: Entry) -> None:
         """Forget an entry (active or cached); the caller closes its connection."""
+        self._returned(entry)
         self._unwatch(entry, done=True)
         self._idle.pop(entry, None)
         siblings = self._entries.get(entry.key)

@@ -488,8 +488,10 @@ class Relay:
     def logout(self, tag: bytes) -> str:
         """Answer LOGOUT after every earlier reply (R23), keeping the backend (R26-R29).
 
-        The reset runs before the answer, so that the same user's next login, which a
-        webmail client sends right after, finds the connection in the cache.
+        The answer goes out as soon as the reset commands are sent: the client does not
+        wait for the server's replies, and the same user's next login, which a webmail
+        client sends right after, waits for the reset instead of opening a connection
+        (see ClientSession.keep_backend and checkout).
         """
         if not self.quiet.is_set():
             gevent.wait([self.quiet, self.pump], count=1, timeout=LOGOUT_WAIT)
@@ -508,9 +510,8 @@ class Relay:
             self.client_lock.release()
         log.info('logout: id=%s user=%s backend=%s', self.id,
                  printable(self.session.user), self.conn.id)
-        self.session.keep_backend('logout', self.doubt())
-        self.session.send_quietly(b'* BYE Logging out\r\n' + tag
-                                  + b' OK Logout completed.\r\n')
+        self.session.keep_backend('logout', self.doubt(), farewell=b'* BYE Logging out\r\n'
+                                  + tag + b' OK Logout completed.\r\n')
         return 'logout'
 
     def stop_pump(self) -> None:

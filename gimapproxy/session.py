@@ -77,6 +77,7 @@ class ClientSession:
         self.key: Optional[tuple] = None          # (authzid, user) once LOGIN is parsed
         self.verifier = b''
         self.entry: Optional[Entry] = None
+        self.farewell_said = False
 
     # -- the story -----------------------------------------------------------------------
 
@@ -367,8 +368,16 @@ class ClientSession:
     def checkout(self, profile: frozenset) -> Optional[Entry]:
         """A cached connection for this session's identity and password with exactly
         `profile`, or None."""
+        waited = False
         while True:
             entry = self.cache.checkout(self.key, self.verifier, profile)
+            if entry is None and not waited:
+                # The user's last session may have just logged out, its connection still
+                # in its reset: wait for that (bounded) rather than log in anew.
+                waited = self.cache.wait_returning(self.key, self.verifier, profile,
+                                                   self.config.reset_timeout)
+                if waited:
+                    continue
             if entry is None or not entry.conn.has_input():
                 return entry
             # Not one stale byte may reach the new client (R30): the server spoke while the
@@ -454,23 +463,44 @@ class ClientSession:
 
     # -- the backend connection's fate --------------------------------------------------------
 
-    def keep_backend(self, why: str, doubt: Optional[str]) -> None:
+    def keep_backend(self, why: str, doubt: Optional[str], farewell: bytes = b'') -> None:
         """Reset the backend and cache it; close it instead when `doubt` names a reason
-        it is not known to be clean, or the reset fails (R24, R29)."""
+        it is not known to be clean, or the reset fails (R24, R29).
+
+        With `farewell` (LOGOUT's answer), the client is answered and let go as soon as
+        the reset commands are on their way, not after their replies: the client's next
+        connection overlaps the reset, and the same user's next login waits for the
+        reset in `checkout` rather than open a server connection of its own.
+        """
         entry, conn = self.entry, self.entry.conn
         if doubt is not None:
             self.drop_backend('not reusable after %s: %s' % (why, doubt))
+            self.say_farewell(farewell)
             return
+        timeout = self.config.reset_timeout
         try:
-            conn.reset(self.config.reset_timeout)
+            sent = conn.start_reset(timeout)
+            if farewell:
+                self.cache.returning(entry)
+                self.say_farewell(farewell)
+            conn.finish_reset(sent, timeout)
         except BackendError as exc:
             self.drop_backend('reset failed: %s' % exc.reason)
+            self.say_farewell(farewell)
             return
         if conn.framer.buffered:
             self.drop_backend('unsolicited data after reset')
             return
         self.entry = None
         self.release(entry)
+
+    def say_farewell(self, farewell: bytes) -> None:
+        """Send the client its last words, when some are due and not sent yet, and
+        close it."""
+        if farewell and not self.farewell_said:
+            self.farewell_said = True
+            self.send_quietly(farewell)
+            self.close_client()
 
     def swap_backend(self, entry: Entry, doubt: Optional[str]) -> None:
         """Give the session `entry` instead of its current backend connection, which goes
@@ -532,6 +562,7 @@ class ClientSession:
             pass
 
     def close_client(self) -> None:
+        """Close the client socket; safe to call again."""
         try:
             self.sock.close()
         except OSError:

@@ -11,6 +11,7 @@ import logging  # noqa: E402
 
 import gevent  # noqa: E402
 import os  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import pytest  # noqa: E402
@@ -41,6 +42,19 @@ class Backend:
 
     def wait_logins(self, count: int, timeout: float = 5.0) -> int:
         return self.server.wait_login_count(count, timeout)
+
+    def settled_logins(self, quiet: float = 0.25, timeout: float = 5.0) -> int:
+        """The login count once the server's log has not grown for `quiet` seconds: its
+        log is written late (Dovecot's by a log process), after the client has its OK."""
+        count = self.logins()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            gevent.sleep(quiet)
+            again = self.logins()
+            if again == count:
+                break
+            count = again
+        return count
 
 
 @pytest.fixture(scope='session')
@@ -78,6 +92,14 @@ def start_proxy(backend: Backend, **settings) -> ProxyServer:
     server = ProxyServer(make_config(values))
     server.start()
     return server
+
+
+def wait_cached(proxy: ProxyServer, count: int = 1, timeout: float = 5.0) -> None:
+    """Wait until `count` connections are cached. A LOGOUT is answered as soon as the
+    reset that caches the connection is sent, so the reset may still be under way."""
+    with gevent.Timeout(timeout, AssertionError('%d connection(s) not cached' % count)):
+        while proxy.cache.cached_count < count:
+            gevent.sleep(0.01)
 
 
 @pytest.fixture

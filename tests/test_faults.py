@@ -8,7 +8,7 @@ import gevent
 import greenlet
 
 from tests.backends import free_port
-from tests.conftest import Backend, start_proxy
+from tests.conftest import Backend, start_proxy, wait_cached
 from tests.fakeimap import FakeImap
 from tests.wire import Client
 
@@ -51,7 +51,7 @@ def test_server_restart_while_connections_are_cached():
         with Client(proxy.server_port) as client:
             client.login('u', 'p')
             client.logout()
-        assert proxy.cache.cached_count == 1
+        wait_cached(proxy, 1)
         fake.stop()                                        # the cached connection dies
         fake = FakeImap({}, port=port).start()
         with gevent.Timeout(5):
@@ -231,6 +231,32 @@ def test_server_that_stalls_mid_response_is_bounded():
         with gevent.Timeout(15):
             while proxy.cache.total or len(proxy.pool):
                 gevent.sleep(0.1)
+    finally:
+        proxy.stop(2)
+        fake.stop()
+
+
+def test_logout_is_answered_before_the_reset_and_the_next_login_waits_for_it():
+    """LOGOUT's answer goes out once the reset is sent, not after a slow server answers
+    it; the same user's next login, right behind, waits for that reset and gets the
+    connection: no second server login."""
+    def slow_noop(tag):
+        gevent.sleep(1.0)
+        return tag + b' OK done\r\n'
+    fake = FakeImap({b'NOOP': slow_noop}).start()
+    proxy = start_proxy(Backend('fake', fake))
+    try:
+        with Client(proxy.server_port) as client:
+            client.login('u', 'p')
+            started = time.monotonic()
+            client.logout()
+            assert time.monotonic() - started < 0.6
+        assert proxy.cache.cached_count == 0                # the reset is still under way
+        with Client(proxy.server_port) as client:
+            assert client.login('u', 'p').startswith(b'L1 OK')
+            assert time.monotonic() - started > 0.9        # it waited for the reset
+        assert fake.logins == 1
+        assert proxy.counters['login_reused'] == 1
     finally:
         proxy.stop(2)
         fake.stop()

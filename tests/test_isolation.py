@@ -71,7 +71,7 @@ def test_selected_mailbox_after_eof(iso, round_):
     with session(proxy, user, password) as client:
         assert client.command(b'a', b'SELECT INBOX')[1].startswith(b'a OK')
     settle()
-    before = backend.logins()
+    before = backend.settled_logins()
     with session(proxy, user, password) as client:
         assert_fresh(client, backend)
         client.logout()
@@ -92,7 +92,7 @@ def test_enable_qresync_stays_with_its_own_kind(iso, round_):
     if not enabled:
         pytest.skip('%s has no ENABLE QRESYNC' % backend.name)
     assert lines == [b'* ENABLED QRESYNC\r\n']
-    before = backend.logins()
+    before = backend.settled_logins()
     with session(proxy, user, password) as client:     # asks for exactly that state
         lines, tagged = client.command(b'b', b'ENABLE QRESYNC')
         assert (lines, tagged) == ([b'* ENABLED QRESYNC\r\n'], b'b OK Enabled.\r\n')
@@ -145,7 +145,7 @@ def test_idle_then_eof(iso, round_):
         client.send(b'b IDLE\r\n')
         assert client.readline().startswith(b'+')
     settle()
-    before = backend.logins()
+    before = backend.settled_logins()
     with session(proxy, user, password) as client:
         assert_fresh(client, backend)
         client.logout()
@@ -169,7 +169,7 @@ def test_eof_in_the_middle_of_a_big_fetch(iso, round_):
         client.send(b'e FETCH %s BODY.PEEK[]\r\n' % found[0])
         assert client.sock.recv(65536)               # the data is flowing; now vanish
     settle()
-    before = backend.logins()
+    before = backend.settled_logins()
     with session(proxy, user, password) as client:
         assert_fresh(client, backend)
         client.logout()
@@ -228,7 +228,7 @@ def test_wrong_password(iso, round_):
     with session(proxy, user, password) as client:
         client.logout()
     wait_cached(proxy)
-    before = backend.logins()
+    before = backend.settled_logins()
     with Client(proxy.server_port) as client:
         assert client.login(user, 'wrongpass').startswith(b'L1 NO [AUTHENTICATIONFAILED]')
     with session(proxy, user, password) as client:
@@ -303,7 +303,7 @@ def test_per_user_cap(dovecot, special_proxy, proxy_log, round_):
         with Client(proxy.server_port) as fourth:       # two active: refused
             assert fourth.login(user, password) == \
                 b'L1 NO [UNAVAILABLE] Too many connections, try again later.\r\n'
-        third.logout()       # a LOGOUT is answered once the connection is cached again
+        third.logout()
     active.logout()
     active.close()
     deadline = time.monotonic() + 5      # the evicted connection logs out in the background

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from tests.backends import free_port
-from tests.conftest import REPO, start_proxy
+from tests.conftest import REPO, start_proxy, wait_cached
 from tests.test_cli import BIN, start_daemon
 from tests.wire import Client
 
@@ -38,6 +38,7 @@ def login_logout(proxy, user='demouser', password='demopass'):
         assert client.login(user, password).startswith(b'L1 OK')
         client.command(b'a', b'SELECT INBOX')
         client.logout()
+    wait_cached(proxy)
 
 
 def test_metrics_in_prometheus_format(stats_proxy):

@@ -5,7 +5,7 @@ import re
 import gevent
 import pytest
 
-from tests.conftest import start_proxy
+from tests.conftest import start_proxy, wait_cached
 from tests.wire import Client
 
 
@@ -50,7 +50,7 @@ def test_login_select_fetch_logout(backend, proxy):
 
 def test_second_login_reuses_the_server_connection(backend, proxy, proxy_log):
     user, password = user_of(backend)
-    before = backend.logins()
+    before = backend.settled_logins()
     for _ in range(5):
         with connect(proxy) as client:
             assert client.login(user, password).startswith(b'L1 OK [CAPABILITY ')
@@ -69,7 +69,8 @@ def test_wrong_password_gets_the_servers_no_and_keeps_the_cache(backend, proxy):
     with connect(proxy) as client:
         client.login(user, password)
         client.logout()
-    before = backend.logins()
+    wait_cached(proxy)
+    before = backend.settled_logins()
     with connect(proxy) as client:
         tagged = client.login(user, 'wrongpass')
         assert tagged == b'L1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n'
@@ -83,7 +84,7 @@ def test_wrong_password_gets_the_servers_no_and_keeps_the_cache(backend, proxy):
 
 def test_concurrent_logins_get_different_connections(backend, proxy, proxy_log):
     user, password = user_of(backend)
-    before = backend.logins()
+    before = backend.settled_logins()
     with connect(proxy) as one, connect(proxy) as two:
         assert one.login(user, password).startswith(b'L1 OK')
         assert two.login(user, password).startswith(b'L1 OK')
@@ -107,7 +108,7 @@ def test_selected_mailbox_does_not_follow_into_the_next_session(backend, proxy, 
         if leave == 'logout':
             client.logout()
     gevent.sleep(0.2)
-    before = backend.logins()
+    before = backend.settled_logins()
     with connect(proxy) as client:
         client.login(user, password)
         lines, tagged = client.command(b'b', b'FETCH 1 FLAGS')
@@ -117,7 +118,7 @@ def test_selected_mailbox_does_not_follow_into_the_next_session(backend, proxy, 
 
 
 def test_nothing_but_prelogin_commands_reach_the_server(backend, proxy):
-    before = backend.logins()
+    before = backend.settled_logins()
     with connect(proxy) as client:
         assert client.command(b'a', b'NOOP')[1] == b'a OK NOOP completed.\r\n'
         lines, tagged = client.command(b'b', b'ID ("name" "test")')
@@ -266,11 +267,11 @@ def test_refused_synchronizing_literal(backend, proxy):
 def test_expiry_closes_idle_connections(backend, make_proxy):
     proxy = make_proxy(expiry_interval=0.2, cache_expiration_time=0.5)
     user, password = user_of(backend)
-    before = backend.logins()
+    before = backend.settled_logins()
     with connect(proxy) as client:
         client.login(user, password)
         client.logout()
-    assert proxy.cache.cached_count == 1
+    wait_cached(proxy, 1)
     with gevent.Timeout(5):
         while proxy.cache.total:
             gevent.sleep(0.05)
@@ -363,7 +364,7 @@ def test_cached_connection_dropped_when_server_goes_away():
             with connect(proxy) as client:
                 client.login('demouser', 'demopass')
                 client.logout()
-            assert proxy.cache.cached_count == 1
+            wait_cached(proxy, 1)
             server.stop()                                # EOF on the cached connection
             with gevent.Timeout(5):
                 while proxy.cache.total:
