@@ -19,7 +19,9 @@ if REPO not in sys.path:
 from tests.backends import Dovecot, free_port  # noqa: E402,F401  (re-exported)
 
 HOST = '127.0.0.1'
-TOOLS_DIR = os.path.join(REPO, '..', 'shared', 'tools')
+# The C instruments (imapbench.c, relay.c) live beside the checkout, in ../shared/tools;
+# $GIMAPPROXY_TOOLS names another folder that holds them.
+TOOLS_DIR = os.environ.get('GIMAPPROXY_TOOLS') or os.path.join(REPO, '..', 'shared', 'tools')
 
 
 def log(msg):
