@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import gevent
-from gevent import monkey, socket
+from gevent import monkey, socket, ssl
 
 __all__ = ['send_all', 'recv_when_ready', 'readable']
 
@@ -74,7 +74,5 @@ def readable(sock) -> bool:
 
 def _pending(sock) -> bool:
     """True when a TLS socket holds decrypted bytes not read yet (the kernel cannot see
-    those). Looked up on the class: a gevent socket hands unknown attributes on to the
-    socket it wraps, which fails once closed."""
-    pending = getattr(type(sock), 'pending', None)
-    return pending is not None and bool(pending(sock))
+    those)."""
+    return isinstance(sock, ssl.SSLSocket) and bool(sock.pending())
