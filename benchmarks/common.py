@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmarks: processes (the proxy, the C tools), /proc readings and
-Dovecot's login count.
+"""Helpers shared by the benchmarks: processes (the proxy, the C tools) and /proc readings.
+(Dovecot's settled login count is tests.backends' `settled_login_count`.)
 
 Plain stdlib only, no gevent: the benchmarks run their load in other processes.
 """
@@ -176,15 +176,3 @@ def task_cpu(pid):
         except FileNotFoundError:
             return proc_cpu_rss(pid)[0]
     return total / 1e9
-
-
-def settled_logins(dovecot):
-    """Dovecot's login count once its log stops growing (its log process writes late)."""
-    count, deadline = dovecot.login_count(), time.monotonic() + 5
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        again = dovecot.login_count()
-        if again == count:
-            break
-        count = again
-    return count

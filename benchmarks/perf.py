@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (HOST, Dovecot, build_tool, find_imapbench,  # noqa: E402
                                finish_imapbench, fmt, free_port, log, on_signal,
-                               settled_logins, start_imapbench, start_proxy, stop_process,
+                               start_imapbench, start_proxy, stop_process,
                                task_cpu, wait_greeting)
 from tests.backends import dovecot_binary, make_message  # noqa: E402
 
@@ -162,10 +162,10 @@ def run_scenario(bench, scenario, endpoint, rnd):
     Proxy cycle runs also get 'dovecot_logins': the Dovecot logins they caused."""
     mode, options = timed(bench, scenario)
     count_logins = endpoint == 'proxy' and mode == 'cycle'
-    before = settled_logins(bench.dovecot) if count_logins else 0
+    before = bench.dovecot.settled_login_count() if count_logins else 0
     r = imapbench(bench, mode, bench.ports[endpoint], options, bench.pids.get(endpoint))
     if count_logins:
-        r['dovecot_logins'] = settled_logins(bench.dovecot) - before
+        r['dovecot_logins'] = bench.dovecot.settled_login_count() - before
     r.update(scenario=scenario, endpoint=endpoint, round=rnd)
     key, unit = HEADLINE[mode]
     log('round %d/%d  %-7s  %-6s  %9.1f %-8s  %d errors %s' % (
@@ -291,10 +291,10 @@ def scale(bench, dovecot, port, pid, sessions):
     try:
         log('scale     opening %d sessions ...' % sessions)
         wait_until_open(pid, idle)
-        logins = settled_logins(dovecot)
+        logins = dovecot.settled_login_count()
         held = imapbench(bench, mode, port, options, pid)
         held_through = idle.poll() is None
-        logins = settled_logins(dovecot) - logins
+        logins = dovecot.settled_login_count() - logins
     finally:
         r = finish_imapbench(idle)
     r.update(rate_before=before['rate'], rate_held=held['rate'], held_through=held_through,

@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (HOST, Dovecot, find_imapbench,  # noqa: E402
                                finish_imapbench, fmt, free_port, log, on_signal,
-                               proc_cpu_rss, settled_logins, start_imapbench, start_proxy,
+                               proc_cpu_rss, start_imapbench, start_proxy,
                                stop_process)
 
 LITERAL_RE = re.compile(rb'\{(\d+)\+?\}\r\n$')
@@ -117,9 +117,9 @@ def measure_throughput(args, loadgen, dovecot, proxy, proxy_port):
         for clients in args.clients:
             for endpoint, port, pid in (('direct', dovecot.port, None),
                                         ('proxy', proxy_port, proxy.pid)):
-                before = settled_logins(dovecot)
+                before = dovecot.settled_login_count()
                 r = loadgen(port, clients, args.users, args.seconds, args.warmup, pid)
-                r['logins'] = settled_logins(dovecot) - before
+                r['logins'] = dovecot.settled_login_count() - before
                 runs[clients][endpoint].append(r)
                 log('round %d/%d  %2d clients  %-6s  %7.1f cycles/s  %5d cycles  %5d logins'
                     '  %d errors %s' % (rnd, args.rounds, clients, endpoint, r['rate'],
@@ -160,13 +160,13 @@ def fixed_count_check(args, dovecot, workdir):
     """Run exactly args.cycles cycles (one client, users rotating) through a fresh proxy."""
     proxy, port, _ = start_proxy(workdir, dovecot.port, {'cache_size': args.cache_size})
     try:
-        before, errors = settled_logins(dovecot), 0
+        before, errors = dovecot.settled_login_count(), 0
         for i in range(args.cycles):
             try:
                 imap_cycle(port, i % args.users + 1)
             except (OSError, RuntimeError):
                 errors += 1
-        logins = settled_logins(dovecot) - before
+        logins = dovecot.settled_login_count() - before
     finally:
         stop_process(proxy)
     return {'cycles': args.cycles, 'errors': errors, 'logins': logins,

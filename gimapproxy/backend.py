@@ -288,18 +288,10 @@ class BackendConnection:
         self.send(tag + b' ' + text + b'\r\n')
         return self._read_tagged(tag)
 
-    def reset(self, timeout: float) -> None:
-        """Bring the session back to "logged in, nothing selected" for the next client:
-        `start_reset` and `finish_reset` in one.
-
-        Raises:
-            BackendError: timeout, EOF, BYE, a foreign tag, or an unexpected answer.
-        """
-        self.finish_reset(self.start_reset(timeout), timeout)
-
     def start_reset(self, timeout: float) -> list:
-        """Send the reset commands; return what `finish_reset` needs to read their
-        replies. The caller may do other work between the two (answer its client).
+        """Start bringing the session back to "logged in, nothing selected" for the next
+        client: send the reset commands and return what `finish_reset` needs to read
+        their replies. The caller may do other work between the two (answer its client).
 
         Deselects without expunging: UNSELECT when the post-login capabilities list it
         (RFC 3691 section 2), else EXAMINE of a name that cannot exist, since a failed
@@ -319,11 +311,7 @@ class BackendConnection:
                 deselect = (b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
                             + b'-no-such-mailbox"')
         sent = [(self._next_tag(), command) for command in (deselect, b'NOOP') if command]
-        try:
-            send_all(self.sock, b''.join(tag + b' ' + command + b'\r\n'
-                                         for tag, command in sent), timeout)
-        except OSError as exc:
-            raise BackendUnavailable('reset failed: %s' % (exc.strerror or exc)) from None
+        self.send(b''.join(tag + b' ' + command + b'\r\n' for tag, command in sent), timeout)
         return sent
 
     def finish_reset(self, sent: list, timeout: float) -> None:
@@ -412,10 +400,11 @@ class BackendConnection:
 
     # -- raw I/O for the relay ---------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        """Write all of `data`. Raises BackendUnavailable when the socket fails."""
+    def send(self, data: bytes, timeout: Optional[float] = None) -> None:
+        """Write all of `data`, within `timeout` seconds (None: the socket's own).
+        Raises BackendUnavailable when the socket fails or the time is up."""
         try:
-            send_all(self.sock, data, self.sock.timeout)
+            send_all(self.sock, data, self.sock.timeout if timeout is None else timeout)
         except OSError as exc:
             raise BackendUnavailable('send failed: %s' % (exc.strerror or exc)) from None
 

@@ -163,21 +163,7 @@ class Framer:
         if end + 1 - pos > self.max_line:
             raise LineTooLong('line longer than %d bytes' % self.max_line)
         data = bytes(buf[pos:end + 1])
-        self._pos = end + 1
-        self._scanned = 0
-        first = self._first
-        announced = literal_of(data)
-        if announced is None:
-            self._first = True
-            return Line(data, first)
-        size, sync = announced
-        self._first = False
-        self._literal_left = size
-        if not size:
-            # An empty literal carries no bytes; the command goes on on the next line.
-            return Line(data, first, 0, sync)
-        return Line(data, first, size, sync)
-
+        return self._take(data, literal_of(data))
 
     def next_lines(self) -> Union[Line, LiteralData, None]:
         """Like `next_event`, but a Line event holds every whole line buffered, up to and
@@ -194,25 +180,28 @@ class Framer:
         if end < 0:
             return self.next_event()
         match = _ANNOUNCEMENT_RE.search(buf, pos, end + 1)
-        if match is not None:
-            end = match.end() - 1
-        data = bytes(buf[pos:end + 1])
-        self._pos = end + 1
+        if match is None:
+            return self._take(bytes(buf[pos:end + 1]), None)
+        return self._take(bytes(buf[pos:match.end()]), literal_of(match.group(0)))
+
+    def _take(self, data: bytes, announced: Optional[tuple[int, bool]]) -> Line:
+        """Consume `data`, whole lines at the read position, as one Line event;
+        `announced` is what `literal_of` says of its last line. An empty literal ({0})
+        carries no bytes: the command goes on on the next line."""
+        self._pos += len(data)
         self._scanned = 0
         first = self._first
-        if match is None:
+        if announced is None:
             self._first = True
             return Line(data, first)
-        size = int(match.group(1))
-        if size > MAX_LITERAL:
-            raise BadLiteral('literal size %d out of range' % size)
+        size, sync = announced
         self._first = False
         self._literal_left = size
-        return Line(data, first, size, not match.group(2))
+        return Line(data, first, size, sync)
 
 
 # A literal announcement at the end of any line in a run of lines.
-_ANNOUNCEMENT_RE = re.compile(rb'\{(\d{1,10})(\+?)\}\r?\n')
+_ANNOUNCEMENT_RE = re.compile(rb'\{\d{1,10}\+?\}\r?\n')
 
 
 # ---------------------------------------------------------------------------------------

@@ -77,7 +77,6 @@ class ClientSession:
         self.key: Optional[tuple] = None          # (authzid, user) once LOGIN is parsed
         self.verifier = b''
         self.entry: Optional[Entry] = None
-        self.farewell_said = False
 
     # -- the story -----------------------------------------------------------------------
 
@@ -473,20 +472,24 @@ class ClientSession:
         reset in `checkout` rather than open a server connection of its own.
         """
         entry, conn = self.entry, self.entry.conn
+        timeout = self.config.reset_timeout
         if doubt is not None:
             self.drop_backend('not reusable after %s: %s' % (why, doubt))
             self.say_farewell(farewell)
             return
-        timeout = self.config.reset_timeout
         try:
             sent = conn.start_reset(timeout)
-            if farewell:
-                self.cache.returning(entry)
-                self.say_farewell(farewell)
-            conn.finish_reset(sent, timeout)
         except BackendError as exc:
             self.drop_backend('reset failed: %s' % exc.reason)
             self.say_farewell(farewell)
+            return
+        if farewell:
+            self.cache.returning(entry)
+            self.say_farewell(farewell)
+        try:
+            conn.finish_reset(sent, timeout)
+        except BackendError as exc:
+            self.drop_backend('reset failed: %s' % exc.reason)
             return
         if conn.framer.buffered:
             self.drop_backend('unsolicited data after reset')
@@ -495,10 +498,8 @@ class ClientSession:
         self.release(entry)
 
     def say_farewell(self, farewell: bytes) -> None:
-        """Send the client its last words, when some are due and not sent yet, and
-        close it."""
-        if farewell and not self.farewell_said:
-            self.farewell_said = True
+        """Send the client its last words, if any are due, and close it."""
+        if farewell:
             self.send_quietly(farewell)
             self.close_client()
 

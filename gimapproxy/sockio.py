@@ -2,8 +2,9 @@
 
 gevent's `sendall` asks the kernel for the send buffer size, takes the time and builds a
 memoryview before its first `send`; a response of a few hundred bytes needs none of
-that. `has_input` asks the kernel directly, without yielding to the hub as a
-monkey-patched `select` does.
+that. `recv_when_ready` waits before it reads where gevent's `recv` would try, fail with
+EAGAIN and then wait. `readable` asks the kernel directly, without yielding to the hub
+as a monkey-patched `select` does.
 """
 from __future__ import annotations
 

@@ -438,6 +438,19 @@ class _Server:
                 return count
             time.sleep(0.02)
 
+    def settled_login_count(self, quiet: float = 0.25, timeout: float = 5.0) -> int:
+        """login_count() once the log has not grown for `quiet` seconds: the server writes
+        it late (Dovecot through its log process), after the client has its OK."""
+        count = self.login_count()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            again = self.login_count()
+            if again == count:
+                break
+            count = again
+        return count
+
     def __enter__(self):
         return self.start()
 

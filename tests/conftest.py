@@ -11,7 +11,6 @@ import logging  # noqa: E402
 
 import gevent  # noqa: E402
 import os  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import pytest  # noqa: E402
@@ -43,18 +42,8 @@ class Backend:
     def wait_logins(self, count: int, timeout: float = 5.0) -> int:
         return self.server.wait_login_count(count, timeout)
 
-    def settled_logins(self, quiet: float = 0.25, timeout: float = 5.0) -> int:
-        """The login count once the server's log has not grown for `quiet` seconds: its
-        log is written late (Dovecot's by a log process), after the client has its OK."""
-        count = self.logins()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            gevent.sleep(quiet)
-            again = self.logins()
-            if again == count:
-                break
-            count = again
-        return count
+    def settled_logins(self) -> int:
+        return self.server.settled_login_count()
 
 
 @pytest.fixture(scope='session')

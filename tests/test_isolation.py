@@ -10,7 +10,7 @@ import time
 import gevent
 import pytest
 
-from tests.conftest import start_proxy
+from tests.conftest import start_proxy, wait_cached
 from tests.wire import Client
 
 ROUNDS = pytest.mark.parametrize('round_', [1, 2])
@@ -52,12 +52,6 @@ def assert_fresh(client, backend):
     lines += client.command(b'p5', b'STORE 1 -FLAGS (\\Flagged)')[0]
     assert lines and not [line for line in lines if b'MODSEQ' in line or b'VANISHED' in line]
     assert not [line for line in lines if _FOREIGN_TAGGED.match(line)]
-
-
-def wait_cached(proxy, count=1):
-    with gevent.Timeout(5):
-        while proxy.cache.cached_count < count:
-            gevent.sleep(0.02)
 
 
 def settle():
