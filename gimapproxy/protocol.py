@@ -27,8 +27,11 @@ __all__ = [
 # RFC 3501 section 9: number = unsigned 32-bit integer.
 MAX_LITERAL = 0xFFFFFFFF
 
-# A line ends in a literal announcement: `{n}`, `{n+}` (RFC 7888), `~{n}` (RFC 3516).
-_LITERAL_RE = re.compile(rb'(~?)\{(\d{1,10})(\+?)\}\r?\n\Z')
+# A line ends in a literal announcement: `{n}`, `{n+}` (RFC 7888), `~{n}` (RFC 3516). The
+# size may have any number of digits, leading zeros included, as Dovecot reads it.
+_LITERAL_RE = re.compile(rb'(~?)\{([0-9]+)(\+?)\}\r?\n\Z')
+# Significant digits of the largest size worth reading (MAX_LITERAL has ten).
+_MAX_DIGITS = 10
 
 
 class ProtocolError(Exception):
@@ -69,21 +72,28 @@ class LiteralData:
     last: bool
 
 
-def literal_of(line: bytes) -> Optional[tuple[int, bool]]:
-    """Return (size, synchronizing) of the literal that `line` announces, or None.
+def literal_of(line: bytes) -> Optional[tuple[int, bool, bool]]:
+    """Return (size, synchronizing, literal8) of the literal that `line` announces, or
+    None.
 
     Raises:
-        BadLiteral: the size does not fit an IMAP number.
+        BadLiteral: the size does not fit an IMAP number (RFC 3501 section 9: number).
     """
     if not line.endswith(b'}\r\n') and not line.endswith(b'}\n'):
         return None
     match = _LITERAL_RE.search(line)
     if match is None:
         return None
-    size = int(match.group(2))
+    return literal_size(match.group(2)), not match.group(3), bool(match.group(1))
+
+
+def literal_size(digits: bytes) -> int:
+    """The value of a literal's size digits. Raises BadLiteral past MAX_LITERAL."""
+    digits = digits.lstrip(b'0') or b'0'
+    size = int(digits) if len(digits) <= _MAX_DIGITS else MAX_LITERAL + 1
     if size > MAX_LITERAL:
-        raise BadLiteral('literal size %d out of range' % size)
-    return size, not match.group(3)
+        raise BadLiteral('literal size %s out of range' % digits[:20].decode())
+    return size
 
 
 class Framer:
@@ -94,12 +104,21 @@ class Framer:
     pieces they arrived in, never scanned. Lines end in CRLF; a bare LF is accepted as a
     line end, as Dovecot does.
 
+    `literal8` says whether `~{n}` announces a literal (RFC 3516); where the grammar has
+    no literal8 the line is an ordinary line. With `auto_literals` False the framer only
+    reports what a line announces (`Line.literal`) and reads the payload only after
+    `expect_literal()`: the command tracker decides, as the server would, whether an
+    announced literal is read at all.
+
     The buffered, incomplete line is capped at `max_line` bytes (LineTooLong). The cap can
     be changed between calls (for example when a session logs in).
     """
 
-    def __init__(self, max_line: int) -> None:
+    def __init__(self, max_line: int, literal8: bool = True,
+                 auto_literals: bool = True) -> None:
         self.max_line = max_line
+        self.literal8 = literal8
+        self.auto_literals = auto_literals
         self._buf = bytearray()
         self._pos = 0
         self._scanned = 0       # bytes after _pos already searched for a line end
@@ -127,6 +146,18 @@ class Framer:
     def in_literal(self) -> bool:
         """True while literal bytes are still owed."""
         return self._literal_left > 0
+
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes received but not yet returned as events."""
+        data = bytes(self._buf[self._pos:])
+        self._buf, self._pos, self._scanned = bytearray(), 0, 0
+        return data
+
+    def expect_literal(self, size: int) -> None:
+        """Read the next `size` bytes as a literal payload; the line after it goes on the
+        same command (for `auto_literals` False, after a Line that announced one)."""
+        self._literal_left = size
+        self._first = False
 
     def cancel_literal(self) -> None:
         """Forget an announced literal the peer will not send.
@@ -184,24 +215,24 @@ class Framer:
             return self._take(bytes(buf[pos:end + 1]), None)
         return self._take(bytes(buf[pos:match.end()]), literal_of(match.group(0)))
 
-    def _take(self, data: bytes, announced: Optional[tuple[int, bool]]) -> Line:
+    def _take(self, data: bytes, announced: Optional[tuple[int, bool, bool]]) -> Line:
         """Consume `data`, whole lines at the read position, as one Line event;
         `announced` is what `literal_of` says of its last line. An empty literal ({0})
         carries no bytes: the command goes on on the next line."""
         self._pos += len(data)
         self._scanned = 0
         first = self._first
-        if announced is None:
-            self._first = True
+        self._first = True
+        if announced is None or (announced[2] and not self.literal8):
             return Line(data, first)
-        size, sync = announced
-        self._first = False
-        self._literal_left = size
+        size, sync, _ = announced
+        if self.auto_literals:
+            self.expect_literal(size)
         return Line(data, first, size, sync)
 
 
 # A literal announcement at the end of any line in a run of lines.
-_ANNOUNCEMENT_RE = re.compile(rb'\{\d{1,10}\+?\}\r?\n')
+_ANNOUNCEMENT_RE = re.compile(rb'\{[0-9]+\+?\}\r?\n')
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,8 +287,14 @@ def command_head(line: bytes) -> tuple[Optional[bytes], Optional[bytes]]:
     return match.group(1), (name.group(1).upper() if name else None)
 
 
+# Parenthesized lists may nest this deep in a pre-login command; deeper is refused.
+MAX_DEPTH = 100
+_ARG_LITERAL_RE = re.compile(rb'\{([0-9]+)\+?\}\r?\n')
+
+
 class _Parser:
-    """Recursive-descent reader of command arguments over one complete command's bytes."""
+    """Reader of command arguments over one complete command's bytes. Lists are read
+    with an explicit stack, so hostile nesting costs no recursion."""
 
     def __init__(self, data: bytes, tag: bytes) -> None:
         self.data = data
@@ -276,14 +313,44 @@ class _Parser:
         self.pos += 1
 
     def value(self):
+        """Read one argument: bytes, None (NIL) or a list of arguments."""
+        stack: list[list] = []       # the lists being read, innermost last
+        while True:
+            if self.data[self.pos:self.pos + 1] == b'(':
+                if len(stack) >= MAX_DEPTH:
+                    raise self.fail('Lists nested too deep')
+                self.pos += 1
+                stack.append([])
+                if self.data[self.pos:self.pos + 1] != b')':
+                    continue                 # read the list's first item
+            else:
+                item = self.scalar()
+                if not stack:
+                    return item
+                stack[-1].append(item)
+            # In a list, after an item (or the "(" of an empty list): close what ends
+            # here, then a space before the next item.
+            while self.data[self.pos:self.pos + 1] == b')':
+                self.pos += 1
+                done = stack.pop()
+                if not stack:
+                    return done
+                stack[-1].append(done)
+            if self.pos >= len(self.data) or self.at_end():
+                raise self.fail('Unterminated list')
+            self.expect_space()
+
+    def scalar(self):
         data, pos = self.data, self.pos
         char = data[pos:pos + 1]
         if char == b'"':
             return self.quoted()
-        if char in (b'{', b'~'):
+        if char == b'{':
             return self.literal()
-        if char == b'(':
-            return self.list()
+        if char == b'~' and data[pos + 1:pos + 2] == b'{':
+            # RFC 3516: literal8 only where the grammar says so (APPEND); Dovecot's
+            # pre-login parser refuses it too.
+            raise self.fail('literal8 not allowed here')
         end = pos
         while end < len(data) and data[end] not in _ATOM_SPECIALS:
             end += 1
@@ -295,7 +362,7 @@ class _Parser:
 
     def quoted(self) -> bytes:
         # RFC 3501 section 4.3: only \" and \\ may be escaped; 8-bit octets are tolerated
-        # as Dovecot does (R7).
+        # as Dovecot does.
         data, pos = self.data, self.pos + 1
         out = bytearray()
         while pos < len(data):
@@ -314,27 +381,19 @@ class _Parser:
         raise self.fail('Unterminated quoted string')
 
     def literal(self) -> bytes:
-        match = re.compile(rb'~?\{(\d{1,10})\+?\}\r?\n').match(self.data, self.pos)
+        match = _ARG_LITERAL_RE.match(self.data, self.pos)
         if not match:
             raise self.fail('Invalid literal')
         start = match.end()
-        end = start + int(match.group(1))
+        try:
+            end = start + literal_size(match.group(1))
+        except BadLiteral:
+            raise self.fail('Invalid literal') from None
         if end > len(self.data):
             raise self.fail('Literal shorter than announced')
         self.pos = end
         return self.data[start:end]
 
-    def list(self) -> list:
-        self.pos += 1
-        items = []
-        while self.data[self.pos:self.pos + 1] != b')':
-            if items:
-                self.expect_space()
-            if self.pos >= len(self.data) or self.at_end():
-                raise self.fail('Unterminated list')
-            items.append(self.value())
-        self.pos += 1
-        return items
 
 
 def parse_command(data: bytes) -> Command:

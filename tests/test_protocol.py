@@ -79,7 +79,7 @@ def test_next_lines_cuts_where_next_event_does(step):
             if isinstance(event, Line):
                 last = event.data.rstrip(b'\n').rsplit(b'\n', 1)[-1] + b'\n'
                 announced = literal_of(last)
-                assert (event.literal, event.sync) == (announced or (None, False))
+                assert (event.literal, event.sync) == (announced[:2] if announced else (None, False))
             got.append(event)
     assert framer.at_boundary and not framer.buffered
     reference = frame(SERVER_STREAM, 10000)
@@ -138,15 +138,47 @@ def test_framer_cancel_literal():
 
 
 def test_literal_announcements():
-    assert literal_of(b'a LOGIN {5}\r\n') == (5, True)
-    assert literal_of(b'a LOGIN {5+}\r\n') == (5, False)
-    assert literal_of(b'a LOGIN ~{5}\r\n') == (5, True)
+    assert literal_of(b'a LOGIN {5}\r\n') == (5, True, False)
+    assert literal_of(b'a LOGIN {5+}\r\n') == (5, False, False)
+    assert literal_of(b'a LOGIN ~{5}\r\n') == (5, True, True)
     assert literal_of(b'a LOGIN "{5}"\r\n') is None
     assert literal_of(b'a LOGIN {5}x\r\n') is None
     assert literal_of(b'a LOGIN {}\r\n') is None
-    assert literal_of(b'a X {4294967295}\r\n') == (4294967295, True)
-    with pytest.raises(BadLiteral):
-        literal_of(b'a X {4294967296}\r\n')
+    assert literal_of(b'a X {4294967295}\r\n') == (4294967295, True, False)
+    # Any number of digits, leading zeros included, as Dovecot reads them.
+    assert literal_of(b'a X {00000000008+}\r\n') == (8, False, False)
+    assert literal_of(b'a X {' + b'0' * 500 + b'7}\r\n') == (7, True, False)
+    for size in (b'4294967296', b'99999999999', b'1' * 5000):
+        with pytest.raises(BadLiteral):
+            literal_of(b'a X {' + size + b'}\r\n')
+
+
+@pytest.mark.parametrize('step', SPLITS)
+def test_framer_reads_long_sizes_and_literal8_only_where_asked(step):
+    data = b'a APPEND x {000000000003+}\r\nabc b X ~{2}\r\nc NOOP\r\n'
+    assert frame(data, step)[:4] == [
+        Line(b'a APPEND x {000000000003+}\r\n', True, 3, False),
+        LiteralData(b'abc', True),
+        Line(b' b X ~{2}\r\n', False, 2, True),
+        LiteralData(b'c ', True)]
+    framer = Framer(1000, literal8=False)
+    for start in range(0, len(data), step):
+        framer.feed(data[start:start + step])
+    events = []
+    while (event := framer.next_event()) is not None:
+        events.append(event)
+    assert events[2:] == [Line(b' b X ~{2}\r\n', False), Line(b'c NOOP\r\n', True)]
+
+
+def test_framer_reads_literals_only_when_told():
+    framer = Framer(1000, auto_literals=False)
+    framer.feed(b'a X {3}\r\nabc\r\nb Y {2}\r\nc\r\n')
+    assert framer.next_event() == Line(b'a X {3}\r\n', True, 3, True)
+    framer.expect_literal(3)
+    assert framer.next_event() == LiteralData(b'abc', True)
+    assert framer.next_event() == Line(b'\r\n', False)
+    assert framer.next_event() == Line(b'b Y {2}\r\n', True, 2, True)
+    assert framer.next_event() == Line(b'c\r\n', True)      # not read as a literal
 
 
 def test_tag_and_head():
