@@ -1,0 +1,446 @@
+"""The command tracker: what a logged-in session has asked of the server, and whether
+its connection is still fit for another session. No sockets, clocks or logging.
+
+The relay feeds it the client's bytes (`feed`, `next_event`) and the first line of each
+server response (`on_response`), and asks it:
+
+* what is in flight (`inflight`, `quiet`), and who owns a `+` continuation request;
+* whether a mailbox may be selected (`selected`);
+* the ENABLE and CONDSTORE profile (`profile`, `enabled`);
+* whether the connection is still clean (`unclean` is None), and if not, why.
+
+It reads the client's commands the way the server does, so that both agree on where each
+command and each literal ends: Dovecot 2.3's rules for tags, command names and literal
+sizes, which arguments each command reads, and literal8 only where the grammar has it.
+Whatever it is not sure of, it passes on unchanged (the client gets the server's
+answer) and marks the connection unclean. docs/isolation.md lists the rules.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Union
+
+from .protocol import (Framer, Line, LiteralData, ProtocolError, parse_response,
+                       rewrite_capabilities)
+
+__all__ = ['Tracker', 'Held', 'enable_profile', 'MAX_COMMAND_LINE']
+
+# After login: Dovecot's imap_max_line_length is 64 KiB; leave room above it.
+MAX_COMMAND_LINE = 128 * 1024
+# Dovecot counts a command's literals into its line length, except APPEND's; past this
+# it refuses the command or disconnects, and a literal may go unread.
+SERVER_LINE_LIMIT = 64 * 1024
+# Literals this small are read for keywords (a search key sent as a literal).
+SMALL_LITERAL = 64
+
+# How many arguments the server reads from each command (Dovecot 2.3 and its quota and
+# ACL plugins): ALL of them, the first N (the rest of the line is skipped), or NONE (the
+# whole line is skipped). A literal announced where the server reads nothing more is
+# never read by it: its bytes are the next command.
+ALL, NONE = 0, -1
+COMMANDS = {
+    b'CAPABILITY': NONE, b'LOGOUT': NONE, b'NOOP': NONE, b'CHECK': NONE, b'CLOSE': NONE,
+    b'EXPUNGE': NONE, b'UNSELECT': NONE, b'IDLE': NONE, b'NAMESPACE': NONE,
+    b'APPEND': ALL, b'SELECT': ALL, b'EXAMINE': ALL, b'LIST': ALL, b'LSUB': ALL,
+    b'XLIST': ALL, b'FETCH': ALL, b'UID FETCH': ALL, b'SEARCH': ALL, b'UID SEARCH': ALL,
+    b'STORE': ALL, b'UID STORE': ALL, b'SORT': ALL, b'UID SORT': ALL, b'THREAD': ALL,
+    b'UID THREAD': ALL, b'ENABLE': ALL, b'ID': ALL, b'GETMETADATA': ALL, b'NOTIFY': ALL,
+    b'CANCELUPDATE': ALL, b'GENURLAUTH': ALL, b'RESETKEY': ALL, b'URLFETCH': ALL,
+    b'X-STATE': ALL, b'COMPRESS': ALL,
+    b'CREATE': 1, b'DELETE': 1, b'SUBSCRIBE': 1, b'UNSUBSCRIBE': 1, b'UID EXPUNGE': 1,
+    b'X-CANCEL': 1, b'GETQUOTAROOT': 1, b'GETQUOTA': 1, b'GETACL': 1, b'MYRIGHTS': 1,
+    b'COPY': 2, b'UID COPY': 2, b'MOVE': 2, b'UID MOVE': 2, b'RENAME': 2, b'STATUS': 2,
+    b'SETQUOTA': 2, b'LISTRIGHTS': 2, b'DELETEACL': 2, b'SETMETADATA': 2,
+    b'SETACL': 3,
+}
+# RFC 3516 section 4.3 and RFC 5464: literal8 only in APPEND and SETMETADATA values.
+LITERAL8 = frozenset((b'APPEND', b'SETMETADATA'))
+# State a fresh login does not have and that no reset undoes: NOTIFY (RFC 5465; after
+# NOTIFY NONE Dovecot even stops the FETCH replies to STORE), Dovecot's session state
+# import, search result updates (RFC 5267 section 4), and the client's own LOGOUT.
+STICKY = frozenset((b'NOTIFY', b'X-STATE', b'CANCELUPDATE', b'LOGOUT'))
+_SELECTING = frozenset((b'SELECT', b'EXAMINE'))
+_DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
+_SEARCHING = frozenset((b'SEARCH', b'UID SEARCH', b'SORT', b'UID SORT', b'THREAD',
+                        b'UID THREAD'))
+
+# Dovecot 2.3's tag: 1*<any ASTRING-CHAR except "+">, without "]" and 8-bit octets
+# (RFC 3501 section 9); a command name is an atom, "+" allowed. Either ends at SP or the
+# line end. 0x7F is refused here too: stricter than the server only costs a reuse.
+_TAG_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]+\x7f-\xff]+(?=[ \r\n])')
+_NAME_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]\x7f-\xff]+(?=[ \r\n])')
+# Arguments, strictly: spaces, parentheses, quoted strings (RFC 3501 section 4.3: no CR,
+# LF or NUL), a literal announcement at the line end, atoms.
+_TOKEN_RE = re.compile(rb' +|\(|\)|"(?:[^"\\\r\n\x00]|\\[^\r\n\x00])*"'
+                       rb'|~?\{[0-9]+\+?\}\r?\n\Z|[^\x00-\x20(){"\x7f-\xff]+')
+# RFC 7162 section 3.1: what turns CONDSTORE on without ENABLE (QRESYNC's keywords need
+# it on). A mailbox of such a name only costs a reuse.
+_CONDSTORE_RE = re.compile(rb'\b(?:CONDSTORE|QRESYNC|HIGHESTMODSEQ|MODSEQ|CHANGEDSINCE|'
+                           rb'UNCHANGEDSINCE|VANISHED)\b', re.IGNORECASE)
+_UPDATE_RE = re.compile(rb'\bUPDATE\b', re.IGNORECASE)
+
+# What may follow each kind of token in a strictly read argument list.
+_AFTER = {
+    'name': 'sp', 'literal': 'sp close', 'sp': 'open atom lit', 'open': 'open atom lit close',
+    'atom': 'sp close', 'close': 'sp close atom',
+}
+
+
+def enable_profile(names) -> frozenset:
+    """The sticky state that ENABLE of `names` asks for, upper-cased; QRESYNC implies
+    CONDSTORE (RFC 7162 section 3.2.3)."""
+    profile = {name.upper() for name in names}
+    if b'QRESYNC' in profile:
+        profile.add(b'CONDSTORE')
+    return frozenset(profile)
+
+
+class Held:
+    """A command the relay may answer itself: `kind` is 'logout', 'compress' or
+    'enable' (the session's first command; `names` are the extensions asked for).
+    Nothing is recorded until the relay calls `Tracker.forward` with it."""
+    __slots__ = ('kind', 'tag', 'name', 'data', 'names')
+
+    def __init__(self, kind: str, tag: bytes, name: bytes, data: bytes, names=()) -> None:
+        self.kind, self.tag, self.name, self.data, self.names = kind, tag, name, data, names
+
+
+class Command:
+    """A command sent to the server and not yet answered."""
+    __slots__ = ('tag', 'name', 'reads', 'depth', 'args', 'literals', 'size', 'names',
+                 'copies', 'keyword')
+
+    def __init__(self, tag: bytes, name: bytes, reads: Optional[int]) -> None:
+        self.tag = tag
+        self.name = name
+        self.reads = reads           # from COMMANDS; None: the server may not know it
+        self.depth = 0               # open parentheses
+        self.args = 0                # whole arguments read at the top level
+        self.literals = 0
+        self.size = 0
+        self.names = ()              # ENABLE: the names asked for
+        self.copies = 0              # more commands in flight under the same tag
+        self.keyword = b''           # a small literal's bytes, read for keywords
+
+
+class Tracker:
+    """Follows one logged-in session; see the module docstring.
+
+    `profile` is the ENABLE state the connection starts with. `unclean` is None while
+    the connection may serve another session, else the first reason it may not.
+    """
+
+    def __init__(self, profile: frozenset = frozenset(), enabled=(),
+                 max_line: int = MAX_COMMAND_LINE) -> None:
+        self.framer = Framer(max_line, auto_literals=False)
+        self.profile = profile
+        self.enabled: list[bytes] = list(enabled)   # names the server said it turned on
+        self.inflight: dict[bytes, Command] = {}
+        self.unclean: Optional[str] = None
+        self.selected: Optional[bool] = False
+        self.selecting = 0
+        self.commands = 0            # commands recorded, forwarded or answered here
+        self.current: Optional[Command] = None     # the command whose lines are read
+        self.idle: Optional[Command] = None         # an IDLE whose ending line is due
+        self.waiting: list[Command] = []            # commands owed a "+", in order
+        self.listed: list[bytes] = []               # names in `* ENABLED` replies
+        self.server_bye = False
+        self.event_kind = ''         # the last event: 'first' line, 'more' lines, 'literal'
+
+    @property
+    def quiet(self) -> bool:
+        """True when every command sent has its tagged reply."""
+        return not self.inflight
+
+    def doubt(self, reason: str) -> None:
+        """Mark the connection unfit for another session; the first reason stays."""
+        if self.unclean is None:
+            self.unclean = reason
+
+    # -- the client's side ----------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from the client."""
+        self.framer.feed(data)
+
+    def next_event(self) -> Union[bytes, Held, None]:
+        """Return the next piece of client input: bytes to send to the server (recorded),
+        a Held command, or None when more bytes are needed.
+
+        Raises:
+            ProtocolError: a line longer than the limit, or a literal size out of range.
+        """
+        event = self.framer.next_event()
+        if event is None:
+            return None
+        if isinstance(event, LiteralData):
+            self.event_kind = 'literal'
+            self.on_literal(event)
+            return event.data
+        if not event.first:
+            self.event_kind = 'more'
+            return self.on_segment(self.current, event, 0)
+        self.event_kind = 'first'
+        if self.idle is not None:
+            # RFC 2177 section 3: the line after IDLE ends it, whatever it says; the
+            # server reads it as IDLE's and answers IDLE.
+            self.idle = None
+            if event.literal is not None:
+                self.doubt('literal after IDLE')
+            return event.data
+        return self.on_command(event)
+
+    def forward(self, held: Held) -> bytes:
+        """Record a Held command as sent to the server; return its bytes."""
+        self.record(held.tag, held.name, held.data)
+        return held.data
+
+    def answered(self, profile: frozenset, enabled) -> None:
+        """The relay answered a Held ENABLE itself with a connection of `profile`."""
+        self.commands += 1
+        self.profile = profile
+        self.enabled = list(enabled)
+
+    def on_command(self, line: Line) -> Union[bytes, Held]:
+        data = line.data
+        tag = _TAG_RE.match(data)
+        if tag is None:
+            # Dovecot answers `* BAD` and skips the line: nothing to wait for.
+            self.doubt('invalid tag')
+            return data
+        pos = tag.end()
+        tag = tag.group(0)
+        name = _NAME_RE.match(data, pos + 1) if data[pos:pos + 1] == b' ' else None
+        if name is not None and name.group(0).upper() == b'UID':
+            name = (_NAME_RE.match(data, name.end() + 1)
+                    if data[name.end():name.end() + 1] == b' ' else None)
+            if name is not None:
+                name = (b'UID ' + name.group(0).upper(), name.end())
+        elif name is not None:
+            name = (name.group(0).upper(), name.end())
+        if name is None:
+            # A line that is not `tag SP command` (a late DONE, say): the server answers
+            # it under that tag and reads nothing more.
+            self.record(tag, b'', data)
+            self.doubt('not a command: %s' % tag[:30].decode('ascii'))
+            return data
+        name, pos = name
+        rest = data[pos:]
+        if line.literal is None:
+            if name == b'COMPRESS':
+                return Held('compress', tag, name, data)
+            if name == b'LOGOUT' and rest in (b'\r\n', b'\n') and self.unclean is None:
+                return Held('logout', tag, name, data)
+            if name == b'ENABLE' and not self.commands and not self.profile:
+                names = rest.split()
+                if names and self.unclean is None:
+                    return Held('enable', tag, name, data, names)
+        command = self.record(tag, name, data)
+        return self.on_segment(command, line, pos)
+
+    def record(self, tag: bytes, name: bytes, data: bytes) -> Command:
+        """Add a command to what is in flight and note what it does to the session."""
+        command = Command(tag, name, COMMANDS.get(name))
+        self.commands += 1
+        other = self.inflight.get(tag)
+        if other is not None:
+            other.copies += 1
+            self.doubt('tag reused while in flight')
+        else:
+            self.inflight[tag] = command
+        if not name:
+            return command
+        if command.reads is None:
+            self.doubt('unknown command %s' % name[:30].decode('ascii'))
+        elif name in STICKY:
+            self.doubt(name.decode().lower())
+        elif name in _SELECTING:
+            self.selecting += 1
+        elif name == b'ENABLE':
+            command.names = data.split()[2:]
+        elif name == b'IDLE':
+            self.idle = command
+            self.waiting.append(command)
+        return command
+
+    def on_segment(self, command: Optional[Command], line: Line, pos: int) -> bytes:
+        """A line of `command` from `pos`: note its keywords and whether the server reads
+        the literal it announces, if any."""
+        data = line.data
+        self.current = None
+        if command is None:
+            if line.literal is not None:
+                self.doubt('literal after an unreadable line')
+            return data
+        self.keywords(command, data)
+        command.size += len(data)
+        if line.literal is None:
+            return data
+        if not self.reads_literal(command, data, pos):
+            self.doubt('literal the server does not read (%s)'
+                       % (command.name.decode() or 'no command'))
+            return data
+        size = line.literal
+        command.size += size
+        if command.size > SERVER_LINE_LIMIT and command.name != b'APPEND':
+            self.doubt('command longer than the server reads')
+        command.literals += 1
+        if line.sync:
+            self.waiting.append(command)
+        self.framer.expect_literal(size)
+        self.current = command
+        return data
+
+    def reads_literal(self, command: Command, data: bytes, pos: int) -> bool:
+        """Whether the server reads the literal announced at the end of `data`: the
+        command reads its arguments that far, and everything before it on the line is
+        what Dovecot's parser takes without an error."""
+        reads = command.reads
+        if reads is None or reads == NONE:
+            return False
+        after = 'name' if pos else 'literal'
+        while True:
+            token = _TOKEN_RE.match(data, pos)
+            if token is None:
+                return False
+            text = token.group(0)
+            char = text[:1]
+            kind = ('sp' if char == b' ' else 'open' if char == b'(' else
+                    'close' if char == b')' else 'lit' if char in b'{~' and
+                    text.endswith(b'\n') else 'atom')
+            if kind not in _AFTER[after].split():
+                return False
+            if kind == 'lit':
+                if char == b'~' and command.name not in LITERAL8:
+                    return False             # Dovecot: "literal8 not allowed here"
+                return reads == ALL or command.depth > 0 or command.args < reads
+            if kind == 'open':
+                command.depth += 1
+            elif kind == 'close':
+                command.depth -= 1
+                if command.depth < 0:
+                    return False
+                if not command.depth:
+                    command.args += 1
+            elif kind == 'atom' and not command.depth:
+                command.args += 1
+            after, pos = kind, token.end()
+
+    def on_literal(self, event: LiteralData) -> None:
+        command = self.current
+        if command is None:
+            return
+        if command.size < SMALL_LITERAL + 1024 and len(command.keyword) < SMALL_LITERAL:
+            command.keyword += event.data[:SMALL_LITERAL]
+        if event.last:
+            if not command.depth:
+                command.args += 1
+            if command.keyword and command.name != b'APPEND':
+                self.keywords(command, command.keyword)
+            command.keyword = b''
+
+    def keywords(self, command: Command, text: bytes) -> None:
+        if b'CONDSTORE' not in self.profile and _CONDSTORE_RE.search(text):
+            self.doubt('implicit condstore')
+        if command.name in _SEARCHING and _UPDATE_RE.search(text):
+            self.doubt('search updates')
+
+    # -- the server's side --------------------------------------------------------------
+
+    def on_response(self, line: bytes) -> bytes:
+        """Note what the first line of a server response (without its LF) means; return
+        it for the client, the same object unless a capability list was filtered."""
+        first = line[:1]
+        if first == b'*':
+            return self.on_untagged(line)
+        if first == b'+':
+            if self.waiting:
+                self.waiting.pop(0)
+            else:
+                self.doubt('continuation request nobody asked for')
+            return line
+        try:
+            response = parse_response(line)
+        except ProtocolError:
+            self.doubt('malformed server response')
+            return line
+        command = self.inflight.get(response.tag)
+        if command is None:
+            self.doubt('reply to a tag never sent')
+            return line
+        if command.copies:
+            command.copies -= 1
+        else:
+            del self.inflight[response.tag]
+        self.on_reply(command, response.status)
+        if response.code and response.code[:11].upper() == b'CAPABILITY ':
+            return rewrite_capabilities(line)
+        return line
+
+    def on_untagged(self, line: bytes) -> bytes:
+        word = line[2:10].upper()
+        if word[:1].isdigit():
+            if self.selected is False and not self.selecting:
+                self.doubt('mailbox data with no mailbox selected')
+            elif b'CONDSTORE' not in self.profile and b'MODSEQ (' in line:
+                self.doubt('implicit condstore')
+        elif word[:4] == b'BYE ':
+            self.server_bye = True
+        elif word[:4] == b'BAD ':
+            self.doubt('untagged BAD')
+        elif word[:7] == b'ENABLED' and word[7:8] in (b' ', b'\r', b''):
+            if any(command.name == b'ENABLE' for command in self.inflight.values()):
+                self.listed.extend(line.split()[2:])
+            else:
+                self.doubt('ENABLED without ENABLE')
+        elif word == b'VANISHED' and b'QRESYNC' not in self.profile:
+            self.doubt('implicit qresync')
+        elif b'CAPABILITY' in line[:60].upper():
+            return rewrite_capabilities(line)
+        return line
+
+    def on_reply(self, command: Command, status: bytes) -> None:
+        if command in self.waiting:
+            # The server refused a synchronizing literal: the client will not send it
+            # (RFC 3501 section 7.5); or an IDLE ended without its continuation.
+            self.waiting.remove(command)
+            if command is self.current:
+                self.framer.cancel_literal()
+                self.current = None
+        if command is self.idle:
+            self.idle = None
+        if status == b'BAD' and command.literals:
+            # The server could not parse a command that had literals: it may not have
+            # read them as we did.
+            self.doubt('BAD reply to a command with literals')
+        name = command.name
+        if name in _SELECTING:
+            self.selecting -= 1
+            # RFC 3501 section 6.3.1: a failed SELECT leaves no mailbox selected.
+            self.selected = {b'OK': True, b'NO': False}.get(status)
+        elif name in _DESELECTING and status == b'OK':
+            self.selected = False
+        elif name == b'ENABLE':
+            if status != b'OK':
+                self.doubt('enable failed')
+            else:
+                self.profile = self.profile | enable_profile(command.names)
+                known = {name.upper() for name in self.enabled}
+                self.enabled += [name for name in self.listed if name.upper() not in known]
+            self.listed = []
+
+    # -- the end ---------------------------------------------------------------------
+
+    def settle(self) -> Optional[str]:
+        """Why the connection cannot be finished and kept after the client left, or
+        None: then the commands in `inflight` only need their replies read (an IDLE
+        still waiting for its DONE needs that line: see `idle`)."""
+        if self.unclean is not None:
+            return self.unclean
+        if self.current is not None or not self.framer.at_boundary:
+            return 'client left inside a command'
+        if any(command is not self.idle for command in self.waiting):
+            return 'client left inside a literal'
+        if any(command.name == b'ENABLE' for command in self.inflight.values()):
+            return 'client left inside ENABLE'
+        return None
