@@ -34,7 +34,7 @@ MAX_SERVER_LINE = 16 * 1024 * 1024
 MAX_DISCARD = 4 * 1024 * 1024
 RECV_SIZE = 65536
 # A client that leaves mid-command: how much of the rest the proxy reads and drops to keep
-# the connection (R24). A 10 MB FETCH fits; a bigger one costs a new login instead.
+# the connection. A 10 MB FETCH fits; a bigger one costs a new login instead.
 FINISH_BUDGET = 32 * 1024 * 1024
 FINISH_TIMEOUT = 10.0
 LOGOUT_TIMEOUT = 2.0
@@ -53,7 +53,7 @@ class BackendUnavailable(BackendError):
 
 
 class BackendDesync(BackendError):
-    """The server said something the proxy did not ask for (R4)."""
+    """The server said something the proxy did not ask for."""
 
 
 class LoginRefused(Exception):
@@ -65,9 +65,12 @@ class LoginRefused(Exception):
 
 
 class State(enum.Enum):
-    CONNECTING = 'connecting'
-    GREETED = 'greeted'
-    LOGGED_IN = 'logged in'
+    """Where a backend connection is in its life; gimapproxy.lease moves it along."""
+    CONNECTING = 'connecting'         # TCP, TLS and the greeting
+    LOGGING_IN = 'logging_in'
+    ACTIVE = 'active'                 # a client session uses it
+    RESETTING = 'resetting'           # its session ended; the reset runs
+    CACHED = 'cached'                 # clean, waiting for the same user's next login
     CLOSED = 'closed'
 
 
@@ -76,68 +79,62 @@ class BackendConnection:
 
     Attributes:
         id: 'b<n>', unique in the process, used in every log line.
+        state: a State; every close logs the state it ended in and why.
         capabilities: the server's capability list as sent, post-login once logged in.
         login_text: the text of the server's tagged OK to the login, replayed on reuse.
-        selected: True, False, or None when unknown: whether a mailbox may be selected.
         profile: the sticky state the connection has, as the set of extension names
             ENABLEd on it (RFC 5161; QRESYNC implies CONDSTORE). Part of the cache key.
         enabled: the extension names the server listed in its `* ENABLED` replies.
         framer: the server-side Framer; the relay and the proxy's own commands share it, so
             a response half-read by one is finished by the other.
+        on_close: called with the connection and the reason once it is closed.
     """
 
-    def __init__(self, sock: socket.socket, address: tuple, conn_id: str) -> None:
+    def __init__(self, address: tuple, conn_id: str, on_close=None) -> None:
         self.id = conn_id
-        self.sock = sock
+        self.sock = None
         self.address = address
         self.framer = Framer(MAX_SERVER_LINE)
         self.state = State.CONNECTING
         self.capabilities = []
         self.login_text = b'Logged in'
-        self.selected: Optional[bool] = False
         self.profile: frozenset = frozenset()
         self.enabled: list[bytes] = []
         self.tls = None               # the BackendTLS it was wrapped with, if any
-        self.on_close = None          # called with the reason when the socket is closed
+        self.on_close = on_close
         self.created = time.monotonic()
         # Proxy-owned tags carry a random prefix that no client can guess, so a late
-        # reply to a client command can never be taken for the proxy's own (R5).
+        # reply to a client command can never be taken for the proxy's own.
         self._tag_prefix = b'G' + secrets.token_hex(4).encode()
         self._tags = itertools.count(1)
 
     # -- connecting and logging in ------------------------------------------------------
 
-    @classmethod
-    def connect(cls, host: str, port: int, timeout: float, conn_id: str,
-                tls=None) -> 'BackendConnection':
-        """Connect and read the greeting, within `timeout` seconds in all; `conn_id` names
-        the connection in the log. With `tls` (a gimapproxy.tls.BackendTLS) the
-        connection is encrypted before the greeting (implicit) or right after it with
-        STARTTLS, which fails closed (R49).
+    def connect(self, timeout: float, tls=None) -> None:
+        """Connect and read the greeting, within `timeout` seconds in all. With `tls` (a
+        gimapproxy.tls.BackendTLS) the connection is encrypted before the greeting
+        (implicit) or right after it with STARTTLS, which fails closed: no STARTTLS
+        means no login (RFC 3501 section 6.2.1).
 
         Raises:
             BackendUnavailable: refused, unreachable, timed out, BYE or PREAUTH greeting,
-                no STARTTLS, or a TLS failure (the reason says which check failed).
+                no STARTTLS, or a TLS failure (the reason says which check failed). The
+                caller closes the connection.
         """
+        host, port = self.address
         with gevent.Timeout(timeout, BackendUnavailable('connect timeout after %gs' % timeout)):
             try:
-                sock = socket.create_connection((host, port))
+                self.sock = socket.create_connection((host, port))
             except OSError as exc:
                 raise BackendUnavailable('connect to %s:%d failed: %s'
                                          % (host, port, exc.strerror or exc)) from None
-            conn = cls(sock, (host, port), conn_id)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if tls is not None and tls.mode == 'implicit':
-                    conn._start_tls(tls)
-                conn._read_greeting()
-                if tls is not None and tls.mode == 'starttls':
-                    conn._starttls(tls)
-            except BaseException:
-                conn.close('greeting failed', quiet=True)
-                raise
-        log.debug('backend connected: id=%s server=%s:%d', conn.id, host, port)
-        return conn
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None and tls.mode == 'implicit':
+                self._start_tls(tls)
+            self._read_greeting()
+            if tls is not None and tls.mode == 'starttls':
+                self._starttls(tls)
+        log.debug('backend connected: id=%s server=%s:%d', self.id, host, port)
 
     def _read_greeting(self) -> None:
         line = self._read_line()
@@ -149,14 +146,13 @@ class BackendConnection:
             # PREAUTH would hand us some identity we did not ask for; BYE means go away.
             raise BackendUnavailable('server greeted with %s'
                                      % printable(greeting.status or b'data'))
-        self.state = State.GREETED
         self.capabilities = self._code_capabilities(greeting)
         if not self.capabilities:
             self.capabilities = self._ask_capabilities()
 
     def _starttls(self, tls) -> None:
-        # RFC 3501 section 6.2.1; R49: no STARTTLS or a NO refuses the login, and what
-        # the server said before TLS (capabilities, any extra bytes) is thrown away.
+        # RFC 3501 section 6.2.1: no STARTTLS or a NO refuses the login, and what the
+        # server said before TLS (capabilities, any extra bytes) is thrown away.
         if b'STARTTLS' not in self.capability_set():
             raise BackendUnavailable('server offers no STARTTLS')
         response, _ = self._command(b'STARTTLS')
@@ -178,7 +174,7 @@ class BackendConnection:
 
     def identify(self, fields: list, timeout: float) -> None:
         """Send ID with `fields` (name, value byte pairs) as the first command, when the
-        server offers ID (R41). A refusal is logged, not fatal.
+        server offers ID (RFC 2971). A refusal is logged, not fatal.
 
         Raises:
             BackendError: timeout, EOF, a foreign tag.
@@ -201,8 +197,8 @@ class BackendConnection:
         """Authenticate as `user`; on success `capabilities` holds the post-login list.
 
         AUTHENTICATE PLAIN is preferred (it carries an authzid and UTF-8), LOGIN is the
-        fallback (R11). The proxy never sends a password to a server that says
-        LOGINDISABLED (R15).
+        fallback. The proxy never sends a password to a server that says
+        LOGINDISABLED (RFC 3501 section 6.2.3).
 
         Raises:
             LoginRefused: the server said NO or BAD.
@@ -223,10 +219,9 @@ class BackendConnection:
                 response, untagged = self._login_command(user, password, caps)
             if response.status != b'OK':
                 raise LoginRefused(response)
-            self.state = State.LOGGED_IN
             self.login_text = response.text or b'Logged in'
             # The post-login list comes in the OK's code, as untagged data during the
-            # login (lab L1), or has to be asked for.
+            # login (Dovecot), or has to be asked for.
             caps_after = self._code_capabilities(response) or self._untagged_capabilities(
                 untagged) or self._ask_capabilities()
             self.capabilities = caps_after
@@ -293,24 +288,22 @@ class BackendConnection:
         client: send the reset commands and return what `finish_reset` needs to read
         their replies. The caller may do other work between the two (answer its client).
 
-        Deselects without expunging: UNSELECT when the post-login capabilities list it
-        (RFC 3691 section 2), else EXAMINE of a name that cannot exist, since a failed
-        SELECT or EXAMINE leaves nothing selected (RFC 3501 section 6.3.1); never CLOSE on
-        a read-write mailbox, which expunges. Ends with a NOOP read to its tagged OK, so
-        nothing of the previous session is left unread (R26, R27, R29). The commands are
-        pipelined: one round trip.
+        Always deselects, whatever the session was thought to have selected: the reset
+        does not trust the tracking. Without expunging: UNSELECT when the post-login
+        capabilities list it (RFC 3691 section 2), else EXAMINE of a name that cannot
+        exist, since a failed SELECT or EXAMINE leaves nothing selected (RFC 3501 section
+        6.3.1); never CLOSE on a read-write mailbox, which expunges. Ends with a NOOP read
+        to its tagged OK, so nothing of the previous session is left unread. The commands
+        go in one write: one round trip.
 
         Raises:
             BackendUnavailable: the send failed or took longer than `timeout`.
         """
-        deselect = None
-        if self.selected is not False:
-            if self.can_unselect:
-                deselect = b'UNSELECT'
-            else:
-                deselect = (b'EXAMINE "gimapproxy-reset-' + self._tag_prefix
-                            + b'-no-such-mailbox"')
-        sent = [(self._next_tag(), command) for command in (deselect, b'NOOP') if command]
+        if self.can_unselect:
+            deselect = b'UNSELECT'
+        else:
+            deselect = b'EXAMINE "gimapproxy-reset-' + self._tag_prefix + b'-no-such-mailbox"'
+        sent = [(self._next_tag(), command) for command in (deselect, b'NOOP')]
         self.send(b''.join(tag + b' ' + command + b'\r\n' for tag, command in sent), timeout)
         return sent
 
@@ -330,8 +323,8 @@ class BackendConnection:
 
     def _check_deselect(self, command: bytes, status: bytes) -> None:
         if command == b'UNSELECT':
-            # BAD "no mailbox selected" is fine when we did not know (selected is None).
-            if status != b'OK' and not (status == b'BAD' and self.selected is None):
+            # BAD is Dovecot's "No mailbox selected": nothing was.
+            if status not in (b'OK', b'BAD'):
                 raise BackendError('UNSELECT answered %s' % printable(status))
         elif status == b'OK':
             # The name exists after all; it was opened read-only, so CLOSE expunges nothing.
@@ -340,11 +333,10 @@ class BackendConnection:
                 raise BackendError('CLOSE answered %s' % printable(response.status))
         elif status != b'NO':
             raise BackendError('EXAMINE answered %s' % printable(status))
-        self.selected = False
 
     def finish(self, tags: set[bytes]) -> None:
         """Read and drop responses until every tag in `tags` has its tagged reply and no
-        response is half read: the rest of what a departed client started (R24).
+        response is half read: the rest of what a departed client started.
 
         Raises:
             BackendError: more than FINISH_BUDGET bytes or FINISH_TIMEOUT seconds, a
@@ -369,6 +361,8 @@ class BackendConnection:
                     raise BackendError('server waits for input')
                 elif response.status == b'BYE':
                     raise BackendUnavailable('server said BYE')
+                elif response.status == b'BAD':
+                    raise BackendDesync('untagged BAD')
 
     def logout(self, reason: str) -> None:
         """Send LOGOUT, wait briefly for its reply, then close with `reason`. Never raises."""
@@ -379,23 +373,24 @@ class BackendConnection:
             pass
         self.close(reason)
 
-    def close(self, reason: str, quiet: bool = False) -> None:
-        """Close the socket; log `reason` unless `quiet`. Safe to call twice."""
+    def close(self, reason: str) -> None:
+        """Close the socket and log `reason` with the state it ended in. Safe to call
+        twice: only the first close counts."""
         if self.state is State.CLOSED:
             return
-        self.state = State.CLOSED
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        if not quiet:
-            log.info('backend closed: id=%s reason=%s age=%.1fs', self.id, reason,
-                     time.monotonic() - self.created)
-            if self.on_close is not None:
-                self.on_close(reason)
+        state, self.state = self.state, State.CLOSED
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        log.info('backend closed: id=%s state=%s reason=%s age=%.1fs', self.id, state.value,
+                 reason, time.monotonic() - self.created)
+        if self.on_close is not None:
+            self.on_close(self, reason)
 
     def has_input(self) -> bool:
-        """True when the server sent something that nobody has read yet (R30)."""
+        """True when the server sent something that nobody has read yet."""
         return bool(self.framer.buffered) or readable(self.sock)
 
     # -- raw I/O for the relay ---------------------------------------------------------
@@ -533,5 +528,5 @@ class BackendConnection:
         return frozenset(self._capabilities.upper().split())
 
     def client_capabilities(self) -> bytes:
-        """The post-login capability list as a client of the proxy may see it (R39)."""
+        """The post-login capability list as a client of the proxy may see it."""
         return self._client_capabilities

@@ -7,19 +7,19 @@ signals; `gimapproxy.cli` does that for the command-line daemon.
 from __future__ import annotations
 
 import collections
-import hashlib
 import ipaddress
 import itertools
 import logging
-import time
 from typing import Optional
 
 import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from .backend import BackendConnection, BackendError
 from .cache import ConnectionCache
 from .config import KEYS, RESTART_KEYS, ProxyConfig
+from .lease import ServerChoice
 from .session import ClientSession
 from .stats import Stats
 from .tls import BackendTLS, client_context
@@ -59,8 +59,9 @@ class ProxyServer(StreamServer):
         self.counters: collections.Counter = self.metrics.counters
         self._ids = itertools.count(1)
         self._expiry: Optional[gevent.Greenlet] = None
-        # Per server (host, port): (failures in a row, monotonic time to try again).
-        self._down: dict[tuple, tuple] = {}
+        self.choice = ServerChoice(config.servers)
+        # Every backend connection not yet closed, for the counts by state.
+        self.backends: set[BackendConnection] = set()
         self.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
         self.client_tls = client_context(config)
         if listener is None:
@@ -173,6 +174,7 @@ class ProxyServer(StreamServer):
         cache.expiration = config.cache_expiration_time
         cache.per_user = config.max_connections_per_user
         cache.max_auth_age = config.max_auth_age
+        self.choice.servers = config.servers
         if backend_keys & set(live) or 'cache_per_client_ip' in live:
             self.flush(None, 'server settings changed')
         return live, restart
@@ -215,44 +217,40 @@ class ProxyServer(StreamServer):
         """Connect to each server once and read its greeting (TLS included), to tell the
         operator at start whether they are there; logins work or fail on their own
         anyway. Returns True when all answered."""
-        from .backend import BackendConnection, BackendError
         config, healthy = self.config, True
-        for host, port in config.servers:
+        for address in config.servers:
+            conn = self.new_backend(address)
             try:
-                conn = BackendConnection.connect(host, port, config.connect_timeout,
-                                                 self.next_id('b'), self.backend_tls)
+                conn.connect(config.connect_timeout, self.backend_tls)
             except BackendError as exc:
+                conn.close('startup check failed: %s' % exc.reason)
                 log.warning('server check failed: server=%s:%d reason=%s (logins get NO '
-                            '[UNAVAILABLE] until it answers)', host, port, exc.reason)
-                self.server_failed((host, port))
+                            '[UNAVAILABLE] until it answers)', address[0], address[1],
+                            exc.reason)
+                self.choice.failed(address)
                 healthy = False
                 continue
             conn.logout('startup check')
-            log.info('server check: server=%s:%d ok', host, port)
+            log.info('server check: server=%s:%d ok', *address)
         return healthy
 
-    # -- several servers ------------------------------------------------------------------
+    # -- backend connections --------------------------------------------------------------
+
+    def new_backend(self, address: tuple) -> BackendConnection:
+        """A new, not yet connected backend connection to `address`, counted and kept in
+        `backends` until it is closed."""
+        conn = BackendConnection(address, self.next_id('b'), self._backend_closed)
+        self.backends.add(conn)
+        self.counters['backend_created'] += 1
+        return conn
+
+    def _backend_closed(self, conn: BackendConnection, reason: str) -> None:
+        self.backends.discard(conn)
+        self.metrics.backend_closed(reason)
 
     def servers_for(self, user: bytes) -> list:
-        """The servers to try for `user`'s new connection, best first: rendezvous hashing
-        gives each user a stable order, so a user's sessions stay on one server while it
-        is up; servers marked down come last, until their retry time."""
-        def score(server):
-            text = user + b'\0' + ('%s:%d' % server).encode()
-            return hashlib.sha256(text).digest()
-        ordered = sorted(self.config.servers, key=score, reverse=True)
-        now = time.monotonic()
-        up = [server for server in ordered if self._down.get(server, (0, 0))[1] <= now]
-        return up + [server for server in ordered if server not in up]
-
-    def server_failed(self, server: tuple) -> None:
-        """Mark `server` down; it is tried again after 1, 2, 4 ... up to 60 seconds."""
-        failures = self._down.get(server, (0, 0))[0] + 1
-        self._down[server] = (failures, time.monotonic() + min(60, 2 ** (failures - 1)))
-
-    def server_ok(self, server: tuple) -> None:
-        if self._down.pop(server, None) is not None:
-            log.info('server back: server=%s:%d', *server)
+        """The servers to try for `user`'s new connection, best first (ServerChoice)."""
+        return self.choice.order(user)
 
     def _cached_connection_died(self, entry) -> None:
         self.counters['cached_died'] += 1

@@ -1,7 +1,7 @@
 """One client's whole story: greeting, login, relay, logout.
 
 A ClientSession runs in the greenlet the server spawned for the client. Before login it
-answers the client itself (R6). LOGIN or AUTHENTICATE takes a cached backend connection
+answers the client itself. LOGIN or AUTHENTICATE takes a cached backend connection
 when the same user logs in with the same password, or opens a new one. After login a
 Relay (gimapproxy.relay) carries the session until LOGOUT; the backend connection is then
 reset and cached when it is known to be clean, and closed otherwise.
@@ -18,29 +18,29 @@ from typing import Optional
 import gevent
 from gevent import socket
 
-from .backend import BackendConnection, BackendError, LoginRefused
-from .cache import EMPTY_PROFILE, CacheFull, Entry
 from .forward import id_fields, is_trusted, originating_ip
+from .lease import Lease, LoginFailed, describe
 from .logfmt import printable
 from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError, parse_command,
                        tag_of)
 from .relay import Relay
+from .tracker import Tracker
 from .sockio import recv_when_ready, send_all
 
 __all__ = ['ClientSession', 'PRELOGIN_CAPABILITIES']
 
 log = logging.getLogger('gimapproxy.session')
 
-# R38: the proxy's own pre-login list. LITERAL+ only (never with LITERAL-, RFC 7888 §5).
+# The proxy's own pre-login list. LITERAL+ only (never with LITERAL-, RFC 7888 section 5).
 PRELOGIN_CAPABILITIES = b'IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN AUTH=LOGIN'
 
-# Limits before login (R46), as Dovecot's imap-login applies them.
+# Limits before login, as Dovecot's imap-login applies them.
 # (max_line_length, max_literal_size, preauth_timeout and write_timeout are settings.)
 MAX_BAD_COMMANDS = 3
 RECV_SIZE = 65536
 
 # The server's own text could tell the client more than it should; the proxy relays only
-# the status and response code, with this text (R12).
+# the status and response code, with this text.
 _REFUSAL_TEXT = b'Authentication failed.'
 
 
@@ -61,7 +61,7 @@ class ClientSession:
         self.config = server.config
         self.cache = server.cache
         self.id = server.next_id('c')
-        # Sent to the server as x-session-ext-id and logged with every login (R44).
+        # Sent to the server as x-session-ext-id and logged with every login.
         self.session_id = secrets.token_hex(6)
         self.sock = sock
         self.address = address
@@ -71,12 +71,11 @@ class ClientSession:
         self.implicit_tls = implicit_tls
         self.tls = False
         self.client_id: list = []                 # the client's own pre-login ID fields
-        self.framer = Framer(self.config.max_line_length)
+        self.framer = Framer(self.config.max_line_length, literal8=False)
         self.bad_commands = 0
         self.user: Optional[bytes] = None
         self.key: Optional[tuple] = None          # (authzid, user) once LOGIN is parsed
-        self.verifier = b''
-        self.entry: Optional[Entry] = None
+        self.lease: Optional[Lease] = None
 
     # -- the story -----------------------------------------------------------------------
 
@@ -91,7 +90,7 @@ class ClientSession:
                 self.start_tls(time.monotonic() + self.config.preauth_timeout)
             self.send(b'* OK [CAPABILITY ' + self.capabilities + b'] gimapproxy ready.\r\n')
             if self.authenticate():
-                reason = Relay(self).run()
+                reason = self.relay()
         except SessionEnd as end:
             reason = end.reason
         except gevent.GreenletExit:
@@ -103,8 +102,8 @@ class ClientSession:
             log.exception('session failed: id=%s', self.id)
             self.send_quietly(b'* BYE Internal error.\r\n')
         finally:
-            if self.entry is not None:
-                self.drop_backend(reason)
+            if self.lease is not None:
+                self.lease.drop(reason)
             self.close_client()
             log.info('client closed: id=%s reason=%s', self.id, reason)
 
@@ -112,7 +111,7 @@ class ClientSession:
 
     @property
     def capabilities(self) -> bytes:
-        """The pre-login capability list for this session's state (R38, R50)."""
+        """The pre-login capability list for this session's state."""
         caps = PRELOGIN_CAPABILITIES
         if not self.tls and self.config.offer_starttls:
             caps += b' STARTTLS'
@@ -143,9 +142,9 @@ class ClientSession:
             self.refuse(command.tag, b'STARTTLS is not available.')
             return False
         self.send(command.tag + b' OK Begin TLS negotiation now.\r\n')
-        # R50, RFC 3501 section 6.2.1: bytes pipelined after STARTTLS came in clear
+        # RFC 3501 section 6.2.1: bytes pipelined after STARTTLS came in clear
         # text and are thrown away; the TLS session starts from nothing.
-        self.framer = Framer(self.config.max_line_length)
+        self.framer = Framer(self.config.max_line_length, literal8=False)
         self.start_tls(deadline)
         return False
 
@@ -205,7 +204,7 @@ class ClientSession:
                     return b''.join(parts)
                 continue
             if event.literal > self.config.max_literal_size:
-                # R46, RFC 7888 section 4: refuse a synchronizing literal with NO and no
+                # RFC 7888 section 4: refuse a synchronizing literal with NO and no
                 # "+"; a non-synchronizing one is already on its way, so end the session.
                 if not event.sync:
                     self.send_quietly(b'* BYE Literal too large.\r\n')
@@ -239,7 +238,7 @@ class ClientSession:
         raise SessionEnd('logout before login')
 
     def handle_id(self, command, deadline) -> bool:
-        # RFC 2971 section 3.3: NIL or up to 30 field/value pairs of bounded size (R43).
+        # RFC 2971 section 3.3: NIL or up to 30 field/value pairs of bounded size.
         args = command.args
         fields = args[0] if len(args) == 1 else False
         if fields is not None and not (
@@ -249,7 +248,7 @@ class ClientSession:
                 and all(len(v or b'') <= 1024 for v in fields[1::2])):
             self.refuse(command.tag, b'Invalid ID arguments.')
             return False
-        # Kept for the proxy's own ID to the server, where they are merged in (R41, R42).
+        # Kept for the proxy's own ID to the server, where they are merged in.
         self.client_id = [(key, value) for key, value in zip(fields[::2], fields[1::2])
                           if key] if fields else []
         self.send(b'* ID NIL\r\n' + command.tag + b' OK ID completed.\r\n')
@@ -329,203 +328,94 @@ class ClientSession:
               method: str) -> bool:
         """Give the session a logged-in backend connection and tell the client.
 
-        Returns True when logged in; False after relaying a refusal.
+        Returns True when logged in; False after telling the client why not.
         """
         self.origin = originating_ip(self.client_id, self.address[0], self.trusted)
-        # R16: the client's address is part of the key only where the server's policy
+        # The client's address is part of the key only where the server's policy
         # depends on it.
         self.key = (authzid, user, self.origin) if self.config.cache_per_client_ip \
             else (authzid, user)
-        self.verifier = self.cache.verifier(password)
         started = time.monotonic()
-        entry = self.checkout(EMPTY_PROFILE)
-        result = 'reused'
-        if entry is None:
-            entry = self.open_backend(tag, authzid, user, password)
-            if entry is None:
-                self.server.metrics.observe_login('failed', time.monotonic() - started)
-                return False
-            result = 'new'
-        self.entry = entry
+        fields = None
+        if self.config.forward_client_ip:
+            fields = id_fields(self.client_id, self.address, self.sock.getsockname()[:2],
+                               self.session_id, self.trusted)
+        try:
+            self.lease = Lease.acquire(self.server, self.id, self.key,
+                                       self.cache.verifier(password),
+                                       (authzid, user, password), fields)
+        except LoginFailed as failed:
+            self.server.count('login_failed')
+            self.server.metrics.observe_login('failed', time.monotonic() - started)
+            self.refuse_login(tag, user, failed)
+            return False
         self.user = user
-        conn = entry.conn
+        conn, result = self.lease.conn, self.lease.result
         self.server.count('login_' + result)
         self.server.metrics.observe_login(result, time.monotonic() - started)
         reuse = b''
         if result == 'reused' and self.config.send_reuse_code:
-            # R36: the connection has exactly the state its last session left (none).
+            # The connection has exactly the state its last session left: none.
             reuse = b'* OK [XPROXYREUSE] IMAP connection reused by gimapproxy\r\n'
         self.send(reuse + tag + b' OK [CAPABILITY ' + conn.client_capabilities() + b'] '
                   + conn.login_text + b'\r\n')
         log.info('login: id=%s user=%s method=%s backend=%s server=%s:%d result=%s peer=%s '
-                 'origin=%s session=%s tls=%s time=%.1fms', self.id, printable(user), method,
-                 conn.id, conn.address[0], conn.address[1], result, self.peer,
-                 printable(self.origin), self.session_id,
-                 'yes' if self.tls else 'no', (time.monotonic() - started) * 1000)
+                 'origin=%s session=%s tls=%s profile=%s time=%.1fms', self.id,
+                 printable(user), method, conn.id, conn.address[0], conn.address[1], result,
+                 self.peer, printable(self.origin), self.session_id,
+                 'yes' if self.tls else 'no', describe(conn),
+                 (time.monotonic() - started) * 1000)
         return True
 
-    def checkout(self, profile: frozenset) -> Optional[Entry]:
-        """A cached connection for this session's identity and password with exactly
-        `profile`, or None."""
-        waited = False
-        while True:
-            entry = self.cache.checkout(self.key, self.verifier, profile)
-            if entry is None and not waited:
-                # The user's last session may have just logged out, its connection still
-                # in its reset: wait for that (bounded) rather than log in anew.
-                waited = self.cache.wait_returning(self.key, self.verifier, profile,
-                                                   self.config.reset_timeout)
-                if waited:
-                    continue
-            if entry is None or not entry.conn.has_input():
-                return entry
-            # Not one stale byte may reach the new client (R30): the server spoke while the
-            # connection sat in the cache (a BYE, most likely) and the watcher has not run.
-            self.cache.discard(entry)
-            entry.conn.close('server spoke while cached')
-
-    def open_backend(self, tag, authzid, user, password) -> Optional[Entry]:
-        """Connect and log in a new backend connection; None after telling the client no."""
-        try:
-            victims = self.cache.reserve(self.key)
-        except CacheFull as exc:
-            self.server.count('login_failed')
-            log.warning('login failed: id=%s user=%s reason=%s', self.id, printable(user), exc)
-            self.send(tag + b' NO [UNAVAILABLE] Too many connections, try again later.\r\n')
-            return None
-        for victim in victims:
-            gevent.spawn(victim.conn.logout, 'evicted: %s' % (
-                'user limit' if victim.key == self.key else 'cache full'))
-        conn = None
-        try:
-            conn = self.connect_backend(user)
-            conn.on_close = self.server.metrics.backend_closed
-            self.server.count('backend_created')
-            if self.config.forward_client_ip:
-                conn.identify(id_fields(self.client_id, self.address,
-                                        self.sock.getsockname()[:2], self.session_id,
-                                        self.trusted), self.config.login_timeout)
-            conn.login(authzid, user, password, self.config.login_timeout)
-        except LoginRefused as refused:
-            self.cache.unreserve(self.key)
-            conn.close('login refused', quiet=True)
-            response = refused.response
+    def refuse_login(self, tag: bytes, user: bytes, failed: LoginFailed) -> None:
+        """Word a failed login for the client and the log (with the client's address,
+        for fail2ban)."""
+        if failed.kind == 'refused':
+            response = failed.response
             code = b'[' + response.code + b'] ' if response.code else b''
-            self.server.count('login_failed')
-            log.info('login failed: id=%s user=%s backend=%s status=%s code=%s', self.id,
-                     printable(user), conn.id, printable(response.status),
-                     printable(response.code))
-            self.send(tag + b' ' + response.status + b' ' + code
-                      + _REFUSAL_TEXT + b'\r\n')
-            return None
-        except BackendError as exc:
-            self.cache.unreserve(self.key)
-            if conn is not None:
-                conn.close(exc.reason)
-            self.server.count('login_failed')
-            log.warning('login failed: id=%s user=%s reason=%s', self.id, printable(user),
-                        exc.reason)
+            log.info('login failed: id=%s user=%s reason=%s status=%s code=%s peer=%s',
+                     self.id, printable(user), failed.reason, printable(response.status),
+                     printable(response.code), self.peer)
+            # The server's own text could tell the client more than it should.
+            self.send(tag + b' ' + response.status + b' ' + code + _REFUSAL_TEXT + b'\r\n')
+            return
+        log.warning('login failed: id=%s user=%s reason=%s peer=%s', self.id,
+                    printable(user), failed.reason, self.peer)
+        if failed.kind == 'busy':
+            self.send(tag + b' NO [UNAVAILABLE] Too many connections, try again later.\r\n')
+        else:
             self.send(tag + b' NO [UNAVAILABLE] Server unavailable, try again later.\r\n')
-            return None
-        except BaseException:
-            self.cache.unreserve(self.key)
-            if conn is not None:
-                conn.close('login interrupted')
-            raise
-        entry, retired = self.cache.add(self.key, self.verifier, conn)
-        for old in retired:
-            # R20: the server accepted another password, so the old one may be wrong now.
-            gevent.spawn(old.conn.logout, 'password changed')
-        return entry
 
-    def connect_backend(self, user: bytes) -> BackendConnection:
-        """Connect to the first server that answers, in the user's order.
+    # -- after login ---------------------------------------------------------------------
 
-        Raises:
-            BackendError: none answered; the last server's reason.
-        """
-        failure = None
-        for host, port in self.server.servers_for(user):
-            try:
-                conn = BackendConnection.connect(host, port, self.config.connect_timeout,
-                                                 self.server.next_id('b'),
-                                                 self.server.backend_tls)
-            except BackendError as exc:
-                log.warning('server failed: id=%s server=%s:%d reason=%s', self.id, host,
-                            port, exc.reason)
-                self.server.server_failed((host, port))
-                failure = exc
-                continue
-            self.server.server_ok((host, port))
-            return conn
-        raise failure
-
-    # -- the backend connection's fate --------------------------------------------------------
-
-    def keep_backend(self, why: str, doubt: Optional[str], farewell: bytes = b'') -> None:
-        """Reset the backend and cache it; close it instead when `doubt` names a reason
-        it is not known to be clean, or the reset fails (R24, R29).
-
-        With `farewell` (LOGOUT's answer), the client is answered and let go as soon as
-        the reset commands are on their way, not after their replies: the client's next
-        connection overlaps the reset, and the same user's next login waits for the
-        reset in `checkout` rather than open a server connection of its own.
-        """
-        entry, conn = self.entry, self.entry.conn
-        timeout = self.config.reset_timeout
-        if doubt is not None:
-            self.drop_backend('not reusable after %s: %s' % (why, doubt))
-            self.say_farewell(farewell)
-            return
-        try:
-            sent = conn.start_reset(timeout)
-        except BackendError as exc:
-            self.drop_backend('reset failed: %s' % exc.reason)
-            self.say_farewell(farewell)
-            return
-        if farewell:
-            self.cache.returning(entry)
-            self.say_farewell(farewell)
-        try:
-            conn.finish_reset(sent, timeout)
-        except BackendError as exc:
-            self.drop_backend('reset failed: %s' % exc.reason)
-            return
-        if conn.framer.buffered:
-            self.drop_backend('unsolicited data after reset')
-            return
-        self.entry = None
-        self.release(entry)
-
-    def say_farewell(self, farewell: bytes) -> None:
-        """Send the client its last words, if any are due, and close it."""
-        if farewell:
-            self.send_quietly(farewell)
+    def relay(self) -> str:
+        """Relay until the session ends, then hand the backend connection to its fate:
+        kept (reset and cached) when clean, closed otherwise. Returns why it ended."""
+        conn = self.lease.conn
+        tracker = Tracker(conn.profile, conn.enabled)
+        tracker.feed(self.framer.take_buffered())   # commands pipelined after the login
+        user = self.user.decode('utf-8', 'replace')
+        end = Relay(self.id, self.sock, self.lease, tracker, self.config,
+                    self.server.counters, self.user,
+                    trace=user in self.config.trace_users).run()
+        lease, self.lease = self.lease, None
+        if end.side == 'logout':
+            log.info('logout: id=%s user=%s backend=%s profile=%s', self.id,
+                     printable(self.user), lease.conn.id, describe(lease.conn))
+            lease.keep('logout', tracker, lambda: self.farewell(end.tag))
+        elif end.side == 'client':
             self.close_client()
-
-    def swap_backend(self, entry: Entry, doubt: Optional[str]) -> None:
-        """Give the session `entry` instead of its current backend connection, which goes
-        back to the cache untouched (nothing was sent on it) unless `doubt` says why not."""
-        old, self.entry = self.entry, entry
-        if doubt is not None:
-            self.cache.discard(old)
-            old.conn.close('not reusable after swap: %s' % doubt)
+            lease.keep(end.reason, tracker)
+        elif tracker.unclean is not None:
+            lease.drop('not reusable after %s: %s' % (end.reason, tracker.unclean))
         else:
-            self.release(old)
+            lease.drop(end.reason)
+        return end.reason
 
-    def release(self, entry: Entry) -> None:
-        """Put a clean connection back in the cache, or log it out when it may not be
-        reused any more (R20, R21)."""
-        if self.cache.release(entry):
-            log.debug('backend cached: id=%s backend=%s', self.id, entry.conn.id)
-        else:
-            entry.conn.logout('password changed' if entry.retired else 'max_auth_age reached')
-
-    def drop_backend(self, reason: str) -> None:
-        """Forget and close the session's backend connection, logging `reason`."""
-        entry, self.entry = self.entry, None
-        self.cache.discard(entry)
-        entry.conn.close(reason)
+    def farewell(self, tag: bytes) -> None:
+        """Answer LOGOUT (RFC 3501 section 6.1.3) and let the client go."""
+        self.send_quietly(b'* BYE Logging out\r\n' + tag + b' OK Logout completed.\r\n')
+        self.close_client()
 
     # -- client socket -----------------------------------------------------------------------
 

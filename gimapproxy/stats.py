@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
+from .backend import State
+
 __all__ = ['Stats', 'reason_class']
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -54,10 +56,14 @@ class Stats:
 
     # -- reading -------------------------------------------------------------------------
 
+    def states(self) -> dict:
+        """Backend connections not closed, by state: created equals these plus every
+        close counted by reason, at any moment."""
+        return collections.Counter(conn.state.value for conn in self.server.backends)
+
     def snapshot(self) -> dict:
         """The numbers as a JSON-able dict (no user names, no secrets)."""
         counters = self.counters
-        cache = self.server.cache
         logins = counters['login_new'] + counters['login_reused']
         return {
             'uptime_seconds': round(time.time() - self.started, 1),
@@ -65,10 +71,10 @@ class Stats:
             'logins': {'new': counters['login_new'], 'reused': counters['login_reused'],
                        'failed': counters['login_failed']},
             'cache_hit_ratio': round(counters['login_reused'] / logins, 4) if logins else 0.0,
-            'backend_connections': {
-                'active': cache.total - cache.cached_count, 'cached': cache.cached_count,
-                'created': counters['backend_created'], 'expired': counters['expired'],
-                'closed_by_reason': dict(self.closed)},
+            'backend_connections': dict(
+                {state.value: 0 for state in State if state is not State.CLOSED},
+                **self.states(), created=counters['backend_created'],
+                expired=counters['expired'], closed_by_reason=dict(self.closed)),
             'bytes_relayed': {'client_to_server': counters['bytes_in'],
                               'server_to_client': counters['bytes_out']},
         }
@@ -91,8 +97,9 @@ class Stats:
                                 snap['cache_hit_ratio'])
         backends = GaugeMetricFamily('gimapproxy_backend_connections',
                                      'Server connections now, by state.', labels=['state'])
-        backends.add_metric(['active'], snap['backend_connections']['active'])
-        backends.add_metric(['cached'], snap['backend_connections']['cached'])
+        for state in State:
+            if state is not State.CLOSED:
+                backends.add_metric([state.value], snap['backend_connections'][state.value])
         yield backends
         yield CounterMetricFamily('gimapproxy_backend_connections_created',
                                   'Server connections opened.', counters['backend_created'])

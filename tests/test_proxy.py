@@ -288,6 +288,7 @@ def test_cache_size_is_enforced(dovecot):
         with connect(proxy) as client:
             client.login(user1, pw1)
             client.logout()
+        wait_cached(proxy)           # the LOGOUT is answered before the reset ends
         with connect(proxy) as one:
             # The cached connection of user1 makes room for user2 (least recently used).
             assert one.login(user2, pw2).startswith(b'L1 OK')

@@ -1,0 +1,283 @@
+"""The lease: one owner for a backend connection's fate, from the login to its close.
+
+A session asks `Lease.acquire` for a logged-in server connection: a cached one of the
+same identity, password and profile, one whose reset is under way (waited for, bounded),
+or a new login on the user's server. The lease then owns it until `keep` (reset and
+cache) or `drop` (close with a reason). It never writes to the client: it returns, or
+raises `LoginFailed` with a kind, and the session words the reply.
+
+The lease is the only code that moves a connection through its states (backend.State):
+
+    connecting -> logging_in -> active -> resetting -> cached -> active -> ... -> closed
+
+and every close, wherever it happens, goes through BackendConnection.close, which logs
+the state it ended in and the reason, and tells the server's registry.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Callable, Optional
+
+import gevent
+
+from .backend import BackendConnection, BackendError, LoginRefused, State
+from .cache import CacheFull, Entry
+from .logfmt import printable
+from .protocol import Response
+from .tracker import Tracker
+
+__all__ = ['Lease', 'LoginFailed', 'ServerChoice']
+
+log = logging.getLogger('gimapproxy.lease')
+
+
+class LoginFailed(Exception):
+    """No connection for this login. `kind` is 'refused' (the server said no; `response`
+    is its tagged reply), 'unavailable' (no server answered) or 'busy' (every slot is in
+    use). `reason` is for the log."""
+
+    def __init__(self, kind: str, reason: str, response: Optional[Response] = None) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.response = response
+
+
+class ServerChoice:
+    """Which server a user's new connection goes to: rendezvous hashing gives each user
+    a stable order, so a user's sessions stay on one server while it is up; a server
+    that failed comes last until its retry time (1, 2, 4 ... up to 60 seconds)."""
+
+    def __init__(self, servers: list) -> None:
+        self.servers = servers
+        self._down: dict[tuple, tuple] = {}    # server: (failures in a row, retry time)
+
+    def order(self, user: bytes) -> list:
+        def score(server):
+            return hashlib.sha256(user + b'\0' + ('%s:%d' % server).encode()).digest()
+        ordered = sorted(self.servers, key=score, reverse=True)
+        now = time.monotonic()
+        up = [server for server in ordered if self._down.get(server, (0, 0))[1] <= now]
+        return up + [server for server in ordered if server not in up]
+
+    def failed(self, server: tuple) -> None:
+        failures = self._down.get(server, (0, 0))[0] + 1
+        self._down[server] = (failures, time.monotonic() + min(60, 2 ** (failures - 1)))
+
+    def ok(self, server: tuple) -> None:
+        if self._down.pop(server, None) is not None:
+            log.info('server back: server=%s:%d', *server)
+
+
+class Lease:
+    """A session's hold on one logged-in backend connection.
+
+    Attributes:
+        entry: the cache Entry (its semaphore is held while the lease holds it).
+        conn: the BackendConnection.
+        result: 'reused' or 'new'.
+    """
+
+    def __init__(self, server, session_id: str, entry: Entry, result: str) -> None:
+        self.server = server
+        self.id = session_id
+        self.entry = entry
+        self.result = result
+
+    @property
+    def conn(self) -> BackendConnection:
+        return self.entry.conn
+
+    # -- getting one ----------------------------------------------------------------------
+
+    @classmethod
+    def acquire(cls, server, session_id: str, key, verifier: bytes, credentials: tuple,
+                id_fields: Optional[list] = None) -> 'Lease':
+        """A logged-in connection for `key` (authzid, user[, origin]) with an empty
+        profile: a cached one whose password verifier matches, or a new login with
+        `credentials` (authzid, user, password), sending `id_fields` first if given.
+
+        Raises:
+            LoginFailed: refused, unavailable or busy.
+        """
+        entry = checkout(server, key, verifier, frozenset())
+        if entry is not None:
+            return cls(server, session_id, entry, 'reused')
+        return cls(server, session_id, login(server, session_id, key, verifier,
+                                             credentials, id_fields), 'new')
+
+    def checkout(self, profile: frozenset) -> Optional[Entry]:
+        """A cached connection of this lease's identity and password with `profile`."""
+        return checkout(self.server, self.entry.key, self.entry.verifier, profile)
+
+    def switch(self, entry: Entry, unclean: Optional[str]) -> None:
+        """Hold `entry` (from `checkout`) instead. Nothing was sent on the current
+        connection, which goes back to the cache unless `unclean` says why not."""
+        old, self.entry = self.entry, entry
+        if unclean is not None:
+            self.server.cache.discard(old)
+            old.conn.close('not reusable after switch: %s' % unclean)
+        else:
+            release(self.server, old, self.id)
+
+    # -- letting go -----------------------------------------------------------------------
+
+    def keep(self, why: str, tracker: Tracker,
+             farewell: Optional[Callable[[], None]] = None) -> None:
+        """The session ended (`why`): finish what its client left in flight, reset the
+        connection and cache it; or close it when `tracker` says it is not clean, or the
+        finish or the reset fails. `farewell` (LOGOUT's answer) is called as soon as the
+        reset commands are sent, or once the connection is closed instead: the client
+        does not wait for the reset, and the same user's next login waits for it in
+        `checkout` rather than log in anew."""
+        conn, entry = self.conn, self.entry
+        reason = tracker.settle()
+        if reason is None and (tracker.inflight or not conn.framer.at_boundary):
+            try:
+                if tracker.idle is not None:
+                    conn.send(b'DONE\r\n')           # RFC 2177 section 3
+                conn.finish(set(tracker.inflight))
+            except BackendError as exc:
+                reason = 'could not finish the commands in flight: %s' % exc.reason
+        if reason is not None:
+            self.drop('not reusable after %s: %s' % (why, reason))
+            _call(farewell)
+            return
+        conn.profile, conn.enabled = tracker.profile, tracker.enabled
+        conn.state = State.RESETTING
+        timeout = self.server.config.reset_timeout
+        try:
+            sent = conn.start_reset(timeout)
+            if farewell is not None:
+                self.server.cache.returning(entry)
+                farewell()
+                farewell = None
+            conn.finish_reset(sent, timeout)
+        except BackendError as exc:
+            self.drop('reset failed: %s' % exc.reason)
+            _call(farewell)
+            return
+        if conn.framer.buffered:
+            self.drop('unsolicited data after reset')
+            return
+        release(self.server, entry, self.id)
+
+    def drop(self, reason: str) -> None:
+        """Forget and close the connection, logging `reason`."""
+        self.server.cache.discard(self.entry)
+        self.conn.close(reason)
+
+
+def _call(farewell: Optional[Callable[[], None]]) -> None:
+    if farewell is not None:
+        farewell()
+
+
+def checkout(server, key, verifier: bytes, profile: frozenset) -> Optional[Entry]:
+    """A cached connection of `key` with a matching verifier and exactly `profile`, made
+    active; or None. Waits (reset_timeout at most) for one whose reset is under way."""
+    cache, waited = server.cache, False
+    while True:
+        entry = cache.checkout(key, verifier, profile)
+        if entry is None and not waited:
+            waited = cache.wait_returning(key, verifier, profile, server.config.reset_timeout)
+            if waited:
+                continue
+        if entry is None:
+            return None
+        if not entry.conn.has_input():
+            entry.conn.state = State.ACTIVE
+            return entry
+        # Not one stale byte may reach the new client: the server spoke while the
+        # connection sat in the cache (a BYE, most likely) and the watcher has not run.
+        cache.discard(entry)
+        entry.conn.close('server spoke while cached')
+
+
+def login(server, session_id: str, key, verifier: bytes, credentials: tuple,
+          id_fields: Optional[list]) -> Entry:
+    """Connect and log in a new backend connection in a reserved cache slot.
+
+    Raises:
+        LoginFailed: busy (no slot), unavailable (no server), refused (credentials).
+    """
+    cache, config = server.cache, server.config
+    try:
+        victims = cache.reserve(key)
+    except CacheFull as exc:
+        raise LoginFailed('busy', str(exc)) from None
+    for victim in victims:
+        gevent.spawn(victim.conn.logout, 'evicted: %s' % (
+            'user limit' if victim.key == key else 'cache full'))
+    authzid, user, password = credentials
+    conn = None
+    try:
+        conn = connect(server, session_id, user)
+        conn.state = State.LOGGING_IN
+        if id_fields:
+            conn.identify(id_fields, config.login_timeout)
+        conn.login(authzid, user, password, config.login_timeout)
+    except LoginRefused as refused:
+        cache.unreserve(key)
+        conn.close('login refused')
+        raise LoginFailed('refused', 'server refused the login',
+                          refused.response) from None
+    except BackendError as exc:
+        cache.unreserve(key)
+        if conn is not None:
+            conn.close(exc.reason)
+        raise LoginFailed('unavailable', exc.reason) from None
+    except BaseException:
+        cache.unreserve(key)
+        if conn is not None:
+            conn.close('login interrupted')
+        raise
+    conn.state = State.ACTIVE
+    entry, retired = cache.add(key, verifier, conn)
+    for old in retired:
+        # The server accepted another password, so the old one may be wrong now.
+        gevent.spawn(old.conn.logout, 'password changed')
+    return entry
+
+
+def connect(server, session_id: str, user: bytes) -> BackendConnection:
+    """Connect to the first server that answers, in the user's order.
+
+    Raises:
+        BackendError: none answered; the last server's reason.
+    """
+    failure = None
+    for address in server.choice.order(user):
+        conn = server.new_backend(address)
+        try:
+            conn.connect(server.config.connect_timeout, server.backend_tls)
+        except BackendError as exc:
+            conn.close(exc.reason)
+            log.warning('server failed: id=%s server=%s:%d reason=%s', session_id,
+                        address[0], address[1], exc.reason)
+            server.choice.failed(address)
+            failure = exc
+            continue
+        except BaseException:
+            conn.close('connect interrupted')
+            raise
+        server.choice.ok(address)
+        return conn
+    raise failure
+
+
+def release(server, entry: Entry, session_id: str) -> None:
+    """Put a clean connection back in the cache, or log it out when it may not be reused
+    any more (its password changed, or its password check is older than max_auth_age)."""
+    entry.conn.state = State.CACHED
+    if server.cache.release(entry):
+        log.debug('backend cached: id=%s backend=%s', session_id, entry.conn.id)
+    else:
+        entry.conn.logout('password changed' if entry.retired else 'max_auth_age reached')
+
+
+def describe(conn: BackendConnection) -> str:
+    """The connection's profile for the log: its ENABLEd extensions, or 'plain'."""
+    return printable(b','.join(sorted(conn.profile))) if conn.profile else 'plain'
