@@ -515,14 +515,19 @@ backend gimapproxy_v1
     server proxy1 127.0.0.1:{proxy_port} send-proxy
 
 backend gimapproxy_v2
-    server proxy2 127.0.0.1:{proxy_port} send-proxy-v2 check inter 200ms check-send-proxy
+    option tcp-check
+    tcp-check expect string "* OK"
+    tcp-check send "hc LOGOUT\\r\\n"
+    tcp-check expect string "hc OK"
+    server proxy2 127.0.0.1:{proxy_port} send-proxy-v2 check inter 200ms
 """
 
 
 @pytest.fixture
 def haproxy(tmp_path):
     """Start HAProxy in the foreground for a proxy on `proxy_port`; returns its two
-    frontend ports (send-proxy, send-proxy-v2). Stopped by its PID afterwards."""
+    frontend ports (send-proxy, send-proxy-v2) and the path of its output. Stopped by
+    its PID afterwards."""
     binary = haproxy_binary()
     started = []
 
@@ -547,7 +552,7 @@ def haproxy(tmp_path):
                 except OSError:
                     assert time.monotonic() < deadline, 'haproxy did not listen on %d' % port
                     gevent.sleep(0.05)
-        return ports['v1_port'], ports['v2_port']
+        return ports['v1_port'], ports['v2_port'], tmp_path / 'haproxy.log'
     yield start
     for process, log in started:
         process.terminate()
@@ -561,7 +566,7 @@ def haproxy(tmp_path):
 
 def test_real_haproxy_send_proxy_v1_and_v2(rip_dovecot, proxies, proxy_log, haproxy):
     proxy = pp_proxy(proxies)
-    v1_port, v2_port = haproxy(proxy.server_port)
+    v1_port, v2_port, output = haproxy(proxy.server_port)
     for version, port, (user, password) in ((1, v1_port, USERS[12]), (2, v2_port, USERS[13])):
         with Client(port) as client:
             assert client.greeting.startswith(b'* OK [CAPABILITY ')
@@ -575,11 +580,45 @@ def test_real_haproxy_send_proxy_v1_and_v2(rip_dovecot, proxies, proxy_log, hapr
         assert 'user=%s' % user in lines['login'] and 'peer=%s ' % seen in lines['login']
         via = wait_line(proxy_log, r'^proxy header: id=%s ' % lines['id'])
         assert 'version=%d command=PROXY family=TCP4' % version in via, via
-    # HAProxy's health checks with check-send-proxy come as version 2 LOCAL: served as
-    # the balancer's own connection, at its real address.
+    # HAProxy's health checks come as version 2 LOCAL: served as the balancer's own
+    # connection, at its real address; the README's check (greeting, LOGOUT) passes.
     local = wait_line(proxy_log, r'^proxy header: .* version=2 command=LOCAL ')
     assert re.search(r'peer=127\.0\.0\.1:(\d+) via=127\.0\.0\.1:\1 ', local), local
+    cid = re.search(r'id=(c\d+)', local).group(1)
+    wait_line(proxy_log, r'^client closed: id=%s reason=logout before login$' % cid)
+    gevent.sleep(0.5)                   # two more checks
+    assert 'DOWN' not in output.read_text(), output.read_text()
     assert not any(line.startswith('client refused:') for line in proxy_log.lines)
+
+
+def test_readme_haproxy_configuration_is_valid(tmp_path):
+    """The README's haproxy.cfg is the one users copy: HAProxy must accept it."""
+    binary = haproxy_binary()
+    readme = open(os.path.join(os.path.dirname(__file__), '..', 'README.md')).read()
+    section = readme.split('## Behind a TCP load balancer (HAProxy)', 1)[1]
+    block = re.search(r'`/etc/haproxy/haproxy.cfg`.*?:\n\n((?:    .*\n|\n)+)', section).group(1)
+    cfg = tmp_path / 'haproxy.cfg'
+    cfg.write_text(re.sub(r'(?m)^    ', '', block))
+    assert 'send-proxy-v2' in block and 'balance source' in block
+    check = subprocess.run([binary, '-c', '-f', str(cfg)], capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_missing_haproxy_skips_only_where_allowed(monkeypatch):
+    monkeypatch.setattr(shutil, 'which', lambda name: None)
+    monkeypatch.setattr(os, 'access', lambda path, mode: False)
+    monkeypatch.delenv('GIMAPPROXY_REQUIRE_DOVECOT', raising=False)
+    monkeypatch.setattr(os, 'geteuid', lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match='haproxy is not installed'):
+        haproxy_binary()
+    monkeypatch.setattr(os, 'geteuid', lambda: 0)
+    with pytest.raises(pytest.fail.Exception, match='as root'):
+        haproxy_binary()
+    monkeypatch.setattr(os, 'geteuid', lambda: 1000)
+    monkeypatch.setenv('GIMAPPROXY_REQUIRE_DOVECOT', '1')
+    with pytest.raises(pytest.fail.Exception, match='GIMAPPROXY_REQUIRE_DOVECOT=1'):
+        haproxy_binary()
 
 
 # -- the setting ---------------------------------------------------------------------------
