@@ -157,7 +157,14 @@ def _v1_address(text: bytes, version: int) -> Optional[str]:
         address = ipaddress.ip_address(text.decode('ascii'))
     except ValueError:
         return None
-    return str(address) if address.version == version else None
+    return _text(address) if address.version == version else None
+
+
+def _text(address) -> str:
+    """An address as the proxy would see it on a socket: an IPv4-mapped IPv6 address
+    keeps its dotted tail ('::ffff:192.0.2.7', as inet_ntop writes it)."""
+    mapped = getattr(address, 'ipv4_mapped', None)
+    return '::ffff:%s' % mapped if mapped is not None else str(address)
 
 
 # -- version 2: binary (section 2.2) ------------------------------------------------------
@@ -181,7 +188,8 @@ def _parse_v2(data: bytes, max_size: int) -> Result:
     if len(data) <= 13:
         return NEED_MORE
     family, protocol = data[13] >> 4, data[13] & 0x0f
-    if family not in _FAMILIES or protocol not in _PROTOCOLS:
+    # LOCAL ignores the family byte (section 2.2); for PROXY it must be a defined one.
+    if command == 1 and (family not in _FAMILIES or protocol not in _PROTOCOLS):
         return HeaderError('version 2 family/protocol byte 0x%02x is not defined' % data[13])
     if len(data) < _V2_FIXED:
         return NEED_MORE
@@ -194,7 +202,7 @@ def _parse_v2(data: bytes, max_size: int) -> Result:
     block = data[_V2_FIXED:length]
     if command == 0:
         # LOCAL: the balancer's own connection; family and addresses are ignored.
-        return ProxyHeader(2, 'LOCAL', _FAMILIES[family], None, None, length)
+        return ProxyHeader(2, 'LOCAL', 'UNSPEC', None, None, length)
     name = _NAMES.get((family, protocol), 'UNSPEC')
     if name not in ('TCP4', 'TCP6'):
         # Families without an IP address for the client fall back to the real
@@ -208,5 +216,5 @@ def _parse_v2(data: bytes, max_size: int) -> Result:
     source, destination = make(block[:size]), make(block[size:2 * size])
     sport, dport = struct.unpack('!HH', block[2 * size:2 * size + 4])
     # What follows the addresses is TLVs, which this proxy has no use for: skipped.
-    return ProxyHeader(2, 'PROXY', name, (str(source), sport), (str(destination), dport),
+    return ProxyHeader(2, 'PROXY', name, (_text(source), sport), (_text(destination), dport),
                        length)

@@ -88,6 +88,8 @@ V1_GOOD = [
      ProxyHeader(1, 'PROXY', 'TCP4', ('0.0.0.0', 0), ('255.255.255.255', 65535), 44)),
     (b'PROXY TCP6 2001:DB8::7 ::1 40000 143\r\n',
      ProxyHeader(1, 'PROXY', 'TCP6', ('2001:db8::7', 40000), ('::1', 143), 38)),
+    (b'PROXY TCP6 ::FFFF:192.0.2.7 ::ffff:c000:201 1 2\r\n',
+     ProxyHeader(1, 'PROXY', 'TCP6', ('::ffff:192.0.2.7', 1), ('::ffff:192.0.2.1', 2), 49)),
     (b'PROXY UNKNOWN\r\n', ProxyHeader(1, 'PROXY', 'UNKNOWN', None, None, 15)),
     # UNKNOWN: whatever follows up to the CRLF is ignored (section 2.1).
     (b'PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff '
@@ -140,6 +142,8 @@ V2_GOOD = [
      ProxyHeader(2, 'PROXY', 'TCP4', ('192.0.2.7', 40000), ('10.0.0.1', 143), 28)),
     (v2_tcp6('2001:db8::7', 1, '2001:db8::1', 993),
      ProxyHeader(2, 'PROXY', 'TCP6', ('2001:db8::7', 1), ('2001:db8::1', 993), 52)),
+    (v2_tcp6('::ffff:192.0.2.7', 1, '::1', 993),
+     ProxyHeader(2, 'PROXY', 'TCP6', ('::ffff:192.0.2.7', 1), ('::1', 993), 52)),
     # TLVs (a unique id, the SNI, padding) are skipped.
     (v2_tcp4('192.0.2.7', 40000, '10.0.0.1', 143,
              tlv(0x05, b'x' * 128) + tlv(0x02, b'imap.example.org') + tlv(0x04, b'')),
@@ -147,7 +151,8 @@ V2_GOOD = [
     # LOCAL: the balancer's own connection (a health check); addresses ignored, even
     # when present, and the length is still honoured.
     (v2(0, 0x00, b''), ProxyHeader(2, 'LOCAL', 'UNSPEC', None, None, 16)),
-    (v2(0, 0x11, b'\x00' * 12), ProxyHeader(2, 'LOCAL', 'INET', None, None, 28)),
+    (v2(0, 0x11, b'\x00' * 12), ProxyHeader(2, 'LOCAL', 'UNSPEC', None, None, 28)),
+    (v2(0, 0xff, b''), ProxyHeader(2, 'LOCAL', 'UNSPEC', None, None, 16)),
     # Families without a client IP: the real connection's address is used.
     (v2(1, 0x00, b''), ProxyHeader(2, 'PROXY', 'UNSPEC', None, None, 16)),
     (v2(1, 0x31, b'/s' + b'\x00' * 214), ProxyHeader(2, 'PROXY', 'UNIX', None, None, 232)),
