@@ -250,7 +250,8 @@ KEYS = (
         'login_trusted_networks.'),
     Key('trusted_networks', _networks, '',
         'Networks (CIDR, space separated) whose clients may pass their own x-originating-* '
-        'ID fields, such as a webmail host that reports the browser\'s address.'),
+        'ID fields, such as a webmail host that reports the browser\'s address; with '
+        'proxy_protocol, also the load balancers that may send PROXY headers.'),
     Key('proxy_protocol', _boolean, 'no',
         'Every client connection starts with a PROXY protocol header (HAProxy\'s, '
         'version 1 or 2) that gives the client\'s address; accepted only from '
