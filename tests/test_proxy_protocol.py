@@ -599,6 +599,12 @@ def test_readme_haproxy_configuration_is_valid(tmp_path):
     check = subprocess.run([binary, '-c', '-f', str(cfg)], capture_output=True, text=True,
                            timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
+    # ... and the proxy.ini lines that go with it load.
+    ini = re.search(r"in each instance's `proxy.ini`:\n\n((?:    .*\n)+)", section).group(1)
+    (tmp_path / 'proxy.ini').write_text(re.sub(r'(?m)^    ', '', ini))
+    from gimapproxy.config import load_config
+    config = load_config(str(tmp_path / 'proxy.ini'))
+    assert config.proxy_protocol and config.trusted_networks
 
 
 def test_missing_haproxy_skips_only_where_allowed(monkeypatch):
