@@ -216,17 +216,23 @@ class ProxyServer(StreamServer):
         the peer is not in trusted_networks (it may not say where clients are), or no
         valid header came within preauth_timeout."""
         if not is_trusted(address[0], self.config.trusted_networks):
-            result: Union[ProxyHeader, HeaderError] = HeaderError(
-                'peer not in trusted_networks')
-        else:
+            self._refuse_header(sock, address, 'peer not in trusted_networks')
+            return None
+        try:
             result = read_proxy_header(sock, self.config.preauth_timeout)
-        if isinstance(result, ProxyHeader):
-            return result
+        except gevent.GreenletExit:
+            self._refuse_header(sock, address, 'server shutdown')
+            raise
+        if isinstance(result, HeaderError):
+            self._refuse_header(sock, address, result.reason)
+            return None
+        return result
+
+    def _refuse_header(self, sock, address, reason: str) -> None:
         self.counters['clients_refused'] += 1
         log.warning('client refused: id=%s peer=%s:%s reason=proxy protocol: %s',
-                    self.next_id('c'), address[0], address[1], result.reason)
+                    self.next_id('c'), address[0], address[1], reason)
         sock.close()
-        return None
 
     def _handle_tls(self, sock, address) -> None:
         self.handle(sock, address, implicit_tls=True)

@@ -416,6 +416,20 @@ def test_closed_inside_the_header(proxies, proxy_log):
     assert 'reason=proxy protocol: connection closed inside the header' in line, line
 
 
+def test_shutdown_while_waiting_for_a_header(rip_dovecot, proxy_log):
+    proxy = start_proxy(Backend('dovecot', rip_dovecot, USERS), proxy_protocol='yes',
+                        trusted_networks='127.0.0.1/32')
+    with socket.create_connection(('127.0.0.1', proxy.server_port), timeout=10) as sock:
+        sock.sendall(b'PROXY ')
+        wait_line(proxy_log, r'^listening: ')
+        gevent.sleep(0.1)
+        proxy.stop(0.2)
+        assert sock.recv(100) == b''
+    line = wait_line(proxy_log, r'^client refused: ')
+    assert re.search(r'id=c\d+ peer=127\.0\.0\.1:\d+ reason=proxy protocol: server shutdown$',
+                     line), line
+
+
 def test_header_from_an_untrusted_peer_is_refused(proxies, proxy_log):
     proxy = pp_proxy(proxies, trusted_networks='127.0.0.2/32')
     header = b'PROXY TCP4 192.0.2.7 10.0.0.1 40001 1143\r\n'
