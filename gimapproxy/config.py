@@ -250,7 +250,12 @@ KEYS = (
         'login_trusted_networks.'),
     Key('trusted_networks', _networks, '',
         'Networks (CIDR, space separated) whose clients may pass their own x-originating-* '
-        'ID fields, such as a webmail host that reports the browser\'s address.'),
+        'ID fields, such as a webmail host that reports the browser\'s address; with '
+        'proxy_protocol, also the load balancers that may send PROXY headers.'),
+    Key('proxy_protocol', _boolean, 'no',
+        'Every client connection starts with a PROXY protocol header (HAProxy\'s, '
+        'version 1 or 2) that gives the client\'s address; accepted only from '
+        'trusted_networks, and a connection without a valid one is closed.'),
     Key('cache_per_client_ip', _boolean, 'no',
         'Reuse a cached connection only for the same client address; needed when the '
         'server applies per-IP policy (Dovecot allow_nets).'),
@@ -329,6 +334,7 @@ class ProxyConfig:
     require_client_tls: bool
     forward_client_ip: bool
     trusted_networks: tuple
+    proxy_protocol: bool
     cache_per_client_ip: bool
     max_clients: int
     preauth_timeout: float
@@ -414,6 +420,8 @@ def _check_together(parsed: dict, source: str) -> None:
              'client certificate)')
     if parsed['listen_tls_port'] and parsed['listen_tls_port'] == parsed['listen_port']:
         fail('listen_tls_port', 'is the same as listen_port')
+    if parsed['proxy_protocol'] and not parsed['trusted_networks']:
+        fail('proxy_protocol', 'needs trusted_networks: the load balancers\' addresses')
     if parsed['proc_groupname'] and not parsed['proc_username']:
         fail('proc_groupname', 'needs proc_username as well')
     if parsed['proc_username'] == 'root':

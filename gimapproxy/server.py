@@ -10,16 +10,20 @@ import collections
 import ipaddress
 import itertools
 import logging
-from typing import Optional
+import time
+from typing import Optional, Union
 
 import gevent
+from gevent import socket
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from .backend import BackendConnection, BackendError
 from .cache import ConnectionCache
 from .config import KEYS, RESTART_KEYS, ProxyConfig
+from .forward import is_trusted
 from .lease import ServerChoice
+from .proxyproto import V2_MAX_LENGTH, HeaderError, ProxyHeader, parse_header
 from .session import ClientSession
 from .stats import Stats
 from .tls import BackendTLS, client_context
@@ -40,6 +44,52 @@ def _is_loopback(host: str) -> bool:
 # The original listens with a backlog of 5, so a burst of webmail requests gets refused
 # or stalls in SYN retries; the kernel caps this at net.core.somaxconn.
 LISTEN_BACKLOG = 4096
+
+
+def read_proxy_header(sock, timeout: float) -> Union[ProxyHeader, HeaderError]:
+    """Read the PROXY protocol header from `sock`, and nothing after it, within
+    `timeout` seconds.
+
+    It peeks at what has arrived, then receives only bytes known to be header: the
+    parser says how long a complete header is, and an incomplete one is all header. So
+    any IMAP bytes already behind the header stay in the socket for the session.
+
+    Returns the header, or a HeaderError saying why there is none: malformed or
+    oversized, the peer closed, the time ran out, or a socket error.
+    """
+    deadline = time.monotonic() + timeout
+    taken = b''
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout()
+            sock.settimeout(remaining)
+            peeked = sock.recv(V2_MAX_LENGTH - len(taken), socket.MSG_PEEK)
+            if not peeked:
+                return HeaderError('connection closed %s' % (
+                    'inside the header' if taken else 'before the header'))
+            result = parse_header(taken + peeked)
+            if isinstance(result, HeaderError):
+                return result
+            end = result.length if isinstance(result, ProxyHeader) else len(taken + peeked)
+            while len(taken) < end:
+                data = sock.recv(end - len(taken))
+                if not data:
+                    return HeaderError('connection closed inside the header')
+                taken += data
+            if isinstance(result, ProxyHeader):
+                return result
+    except socket.timeout:
+        return HeaderError('no complete header within %gs (%d bytes came)'
+                           % (timeout, len(taken)))
+    except OSError as exc:
+        return HeaderError('reading the header failed: %s' % (exc.strerror or exc))
+    finally:
+        try:
+            sock.settimeout(None)
+        except OSError:
+            pass
 
 
 class ProxyServer(StreamServer):
@@ -145,7 +195,46 @@ class ProxyServer(StreamServer):
                 pass
             sock.close()
             return
-        ClientSession(self, sock, address, implicit_tls).run()
+        header = None
+        if self.config.proxy_protocol:
+            header = self._proxy_header(sock, address)
+            if header is None:
+                return
+        real = address
+        if header is not None and header.source is not None:
+            # From here on the client is where the balancer saw it: peer, origin, the
+            # trusted_networks check for its ID fields, and the ID sent to the server.
+            address = header.source
+        session = ClientSession(self, sock, address, implicit_tls)
+        if header is not None:
+            log.debug('proxy header: id=%s peer=%s:%s via=%s:%s version=%d command=%s '
+                      'family=%s', session.id, address[0], address[1], real[0], real[1],
+                      header.version, header.command, header.family)
+        session.run()
+
+    def _proxy_header(self, sock, address) -> Optional[ProxyHeader]:
+        """Read the PROXY protocol header that must start the connection, before the
+        greeting. Returns it, or None after closing the connection with one log line:
+        the peer is not in trusted_networks (it may not say where clients are), or no
+        valid header came within preauth_timeout."""
+        if not is_trusted(address[0], self.config.trusted_networks):
+            self._refuse_header(sock, address, 'peer not in trusted_networks')
+            return None
+        try:
+            result = read_proxy_header(sock, self.config.preauth_timeout)
+        except gevent.GreenletExit:
+            self._refuse_header(sock, address, 'server shutdown')
+            raise
+        if isinstance(result, HeaderError):
+            self._refuse_header(sock, address, result.reason)
+            return None
+        return result
+
+    def _refuse_header(self, sock, address, reason: str) -> None:
+        self.counters['clients_refused'] += 1
+        log.warning('client refused: id=%s peer=%s:%s reason=proxy protocol: %s',
+                    self.next_id('c'), address[0], address[1], reason)
+        sock.close()
 
     def _handle_tls(self, sock, address) -> None:
         self.handle(sock, address, implicit_tls=True)
