@@ -78,7 +78,6 @@ class Relay:
         self.client_lock = Semaphore()
         self.pump: Optional[gevent.Greenlet] = None
         self.pump_end: Optional[End] = None       # why the pump ended by itself
-        self.logout_sent = False                  # the client's LOGOUT went to the server
         self.last_activity = time.monotonic()
         self.idle = False                         # idle_timeout passed: say BYE
         self.idle_timer = None
@@ -228,7 +227,6 @@ class Relay:
                     self.client_lock.release()
                 return End('logout', 'logout', held.tag)
             self.tracker.doubt('client not reading before LOGOUT')
-        self.logout_sent = True
         self.flush([self.tracker.forward(held)])
         return None
 
@@ -276,7 +274,7 @@ class Relay:
                 framer.feed(data)
         except (BackendError, ProtocolError) as exc:
             reason = getattr(exc, 'reason', None) or str(exc)
-            if self.logout_sent and self.tracker.server_bye:
+            if self.tracker.logging_out and self.tracker.server_bye:
                 self.pump_end = End('server', 'logout answered by the server')
             else:
                 self.pump_end = End('server', 'backend ended: %s' % reason)

@@ -145,6 +145,7 @@ class Tracker:
         self.waiting: list[Command] = []            # commands owed a "+", in order
         self.listed: list[bytes] = []               # names in `* ENABLED` replies
         self.server_bye = False
+        self.logging_out = False     # the client's LOGOUT went to the server
         self.event_kind = ''         # the last event: 'first' line, 'more' lines, 'literal'
 
     @property
@@ -254,6 +255,7 @@ class Tracker:
             self.doubt('unknown command %s' % name[:30].decode('ascii'))
         elif name in STICKY:
             self.doubt(name.decode().lower())
+            self.logging_out = self.logging_out or name == b'LOGOUT'
         elif name in _SELECTING:
             self.selecting += 1
         elif name == b'ENABLE':

@@ -225,3 +225,50 @@ def test_embedding_example(tmp_path, pymap):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_backend_counters_add_up_at_every_moment(dovecot):
+    """created = connections in each state + connections closed, by reason: sampled
+    while logins succeed, fail, are reused, are dropped unclean and are cut off."""
+    import gevent
+
+    proxy = start_proxy(dovecot)
+    samples = []
+
+    def check():
+        numbers = proxy.stats()['backend_connections']
+        live = sum(numbers[state] for state in ('connecting', 'logging_in', 'active',
+                                                 'resetting', 'cached'))
+        closed = sum(numbers['closed_by_reason'].values())
+        assert numbers['created'] == live + closed, numbers
+        samples.append(numbers)
+
+    def sampler():
+        while True:
+            check()
+            gevent.sleep(0.001)
+
+    watcher = gevent.spawn(sampler)
+    (user, password), (other, _) = dovecot.users[16], dovecot.users[17]
+    try:
+        for _ in range(3):
+            login_logout(proxy, user, password)                 # new, then reused
+        with Client(proxy.server_port) as client:               # refused: closed too
+            assert client.login(other, 'wrong').startswith(b'L1 NO')
+        with Client(proxy.server_port) as client:               # unclean: dropped
+            client.login(user, password)
+            client.command(b'a', b'NOTIFY NONE')
+            client.logout()
+        with Client(proxy.server_port) as client:               # cut off mid-session
+            client.login(user, password)
+            client.send(b'a FETCH 1:* (FLAGS)\r\n')
+        gevent.sleep(0.3)
+    finally:
+        watcher.kill()
+        proxy.stop(2)
+    check()
+    last = samples[-1]
+    reasons = set(last['closed_by_reason'])
+    assert last['created'] >= 3 and {'login refused', 'shutdown'} <= reasons
+    assert any(reason.startswith('not reusable after logout') for reason in reasons)
+    assert len(samples) > 50
