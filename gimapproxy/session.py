@@ -21,8 +21,8 @@ from gevent import socket
 from .forward import id_fields, is_trusted, originating_ip
 from .lease import Lease, LoginFailed, describe
 from .logfmt import printable
-from .protocol import (BadCommand, Framer, Line, LiteralData, ProtocolError, parse_command,
-                       tag_of)
+from .command import BadCommand, parse_command, tag_of
+from .protocol import Framer, Line, LiteralData, ProtocolError
 from .relay import Relay
 from .tracker import Tracker
 from .sockio import recv_when_ready, send_all

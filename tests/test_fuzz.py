@@ -3,8 +3,8 @@ protocol's own errors, and the framer never holds more than its line limit."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gimapproxy.protocol import (BadCommand, Framer, ProtocolError, parse_command,
-                                 parse_response, rewrite_capabilities)
+from gimapproxy.command import BadCommand, parse_command
+from gimapproxy.protocol import Framer, ProtocolError, parse_response, rewrite_capabilities
 
 PIECES = [b'a1 ', b'LOGIN ', b'AUTHENTICATE ', b'PLAIN ', b'"', b'\\', b'{', b'}', b'{5}',
           b'{5+}', b'~{3}', b'{99999999999}', b'(', b')', b'\r\n', b'\n', b'\r', b'\x00',

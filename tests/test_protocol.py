@@ -1,10 +1,10 @@
 """The pure protocol layer, byte by byte: every input is also fed one byte at a time."""
 import pytest
 
-from gimapproxy.protocol import (BadCommand, BadLiteral, Framer, Line, LineTooLong,
-                                 LiteralData, astring, command_head, filter_capabilities,
-                                 literal_of, parse_command, parse_response, quote,
-                                 rewrite_capabilities, tag_of)
+from gimapproxy.command import BadCommand, command_head, parse_command, tag_of
+from gimapproxy.protocol import (BadLiteral, Framer, Line, LineTooLong, LiteralData, astring,
+                                 filter_capabilities, literal_of, parse_response, quote,
+                                 rewrite_capabilities)
 
 
 def frame(data: bytes, step: int, max_line: int = 1000) -> list:
@@ -277,3 +277,19 @@ def test_quoting():
         text, literal = astring(value, False)
         assert literal is None
         assert parse_command(b't LOGIN ' + text + b' x\r\n').args[0] == value
+
+
+def test_deep_nesting_is_refused_without_recursion():
+    bad = None
+    try:
+        parse_command(b'a ID ' + b'(' * 8000 + b'\r\n')
+    except BadCommand as exc:
+        bad = exc
+    assert bad is not None and bad.tag == b'a' and bad.message == 'Lists nested too deep'
+    assert parse_command(b'a ID ((a b) (c (d)) ())\r\n').args == [[[b'a', b'b'],
+                                                                   [b'c', [b'd']], []]]
+
+
+def test_literal8_is_refused_before_login():
+    with pytest.raises(BadCommand, match='literal8 not allowed here'):
+        parse_command(b'a LOGIN user ~{9+}\r\n')
