@@ -28,8 +28,8 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from .backend import BackendError
-from .logfmt import printable
-from .protocol import Line, LiteralData, ProtocolError
+from .logfmt import ProtocolTrace
+from .protocol import LiteralData, ProtocolError
 from .sockio import recv_when_ready, send_all
 from .tracker import Held, Tracker, enable_profile
 
@@ -58,7 +58,7 @@ class Relay:
     Args:
         sock: the client socket. lease: the session's gimapproxy.lease.Lease.
         tracker: the session's Tracker (it outlives the relay: the lease reads it).
-        trace: log the protocol at debug level, secrets masked, for `user`.
+        trace: log the protocol of `user`'s session at debug level, secrets masked.
     """
 
     def __init__(self, session_id: str, sock, lease, tracker: Tracker, config, counters,
@@ -70,9 +70,7 @@ class Relay:
         self.counters = counters
         self.idle_timeout = config.idle_timeout
         self.write_timeout = config.write_timeout
-        self.user = user
-        self.trace = trace
-        self.masking = False              # the command being traced carries a secret
+        self.trace = ProtocolTrace(log, session_id, user) if trace else None
         self.quiet = Event()              # set while every reply has reached the client
         self.quiet.set()
         self.client_lock = Semaphore()
@@ -115,7 +113,8 @@ class Relay:
                 if event is None:
                     break
                 if self.trace:
-                    self.trace_client(event)
+                    self.trace.client(*((event.data, 'first') if isinstance(event, Held)
+                                        else (event, tracker.event_kind)))
                 if event.__class__ is bytes:
                     out.append(event)
                     continue
@@ -249,12 +248,11 @@ class Relay:
                     event = framer.next_event() if self.trace else framer.next_lines()
                     if event is None:
                         break
-                    if isinstance(event, LiteralData):
-                        out.append(event.data)
-                    else:
-                        if self.trace:
-                            self.trace_event('S', event)
-                        out.append(self.on_lines(event.data, event.first))
+                    literal = isinstance(event, LiteralData)
+                    if self.trace:
+                        self.trace.server(event.data, literal)
+                    out.append(event.data if literal else self.on_lines(event.data,
+                                                                         event.first))
                 if out:
                     if not holding:
                         self.client_lock.acquire()
@@ -336,39 +334,3 @@ class Relay:
         finally:
             if not locked:
                 self.client_lock.release()
-
-    # -- protocol trace (trace_users) ----------------------------------------------------
-
-    def trace_client(self, event) -> None:
-        """Log a piece of client input; secrets of LOGIN and AUTHENTICATE are masked."""
-        kind = self.tracker.event_kind
-        if isinstance(event, Held):
-            data, kind = event.data, 'first'
-        else:
-            data = event
-        if kind == 'literal':
-            self.trace_text('C', '<literal data, %d bytes>' % len(data))
-            return
-        if kind == 'first':
-            words = data.split(b' ', 2)
-            self.masking = len(words) > 1 and words[1].upper().strip() in (
-                b'LOGIN', b'AUTHENTICATE')
-            if self.masking:
-                self.trace_text('C', '%s %s <masked>' % (printable(words[0]),
-                                                         printable(words[1].upper())))
-                return
-        if self.masking:
-            self.trace_text('C', '<masked>')
-            return
-        self.trace_text('C', printable(data.rstrip(b'\r\n'), 300, spaces=True))
-
-    def trace_event(self, direction: str, event) -> None:
-        if isinstance(event, LiteralData):
-            self.trace_text(direction, '<literal data, %d bytes>' % len(event.data))
-        elif isinstance(event, Line):
-            self.trace_text(direction,
-                            printable(event.data.rstrip(b'\r\n'), 300, spaces=True))
-
-    def trace_text(self, direction: str, text: str) -> None:
-        log.debug('trace: id=%s user=%s %s: %s', self.id, printable(self.user),
-                  direction, text)
