@@ -18,8 +18,9 @@ import gevent
 from gevent import socket
 
 from .logfmt import printable
-from .protocol import (Framer, Line, LiteralData, ProtocolError, Response, astring,
-                       filter_capabilities, parse_response, quote)
+from .protocol import (Framer, Line, LiteralData, ProtocolError, Response,
+                       code_capabilities, filter_capabilities, login_command, parse_response,
+                       quote, untagged_capabilities)
 from .sockio import readable, recv_when_ready, send_all
 
 __all__ = ['BackendConnection', 'BackendError', 'BackendUnavailable', 'BackendDesync',
@@ -146,7 +147,7 @@ class BackendConnection:
             # PREAUTH would hand us some identity we did not ask for; BYE means go away.
             raise BackendUnavailable('server greeted with %s'
                                      % printable(greeting.status or b'data'))
-        self.capabilities = self._code_capabilities(greeting)
+        self.capabilities = code_capabilities(greeting)
         if not self.capabilities:
             self.capabilities = self._ask_capabilities()
 
@@ -222,7 +223,7 @@ class BackendConnection:
             self.login_text = response.text or b'Logged in'
             # The post-login list comes in the OK's code, as untagged data during the
             # login (Dovecot), or has to be asked for.
-            caps_after = self._code_capabilities(response) or self._untagged_capabilities(
+            caps_after = code_capabilities(response) or untagged_capabilities(
                 untagged) or self._ask_capabilities()
             self.capabilities = caps_after
         if self.tls is not None:
@@ -244,20 +245,9 @@ class BackendConnection:
 
     def _login_command(self, user: bytes, password: bytes,
                        caps: set) -> tuple[Response, list[bytes]]:
-        # RFC 7888 section 5: LITERAL+ allows any non-synchronizing literal, LITERAL- up to
-        # 4096 octets; otherwise wait for the server's "+" before each literal.
         tag = self._next_tag()
-        parts = [tag + b' LOGIN']
-        literals = []
-        for value in (user, password):
-            non_sync = b'LITERAL+' in caps or (b'LITERAL-' in caps and len(value) <= 4096)
-            text, literal = astring(value, non_sync)
-            parts.append(b' ' + text)
-            if literal is not None:
-                literals.append((b''.join(parts) + b'\r\n', literal, non_sync))
-                parts = []
-        tail = b''.join(parts) + b'\r\n'
-        for head, literal, non_sync in literals:
+        pieces, tail = login_command(tag, user, password, caps)
+        for head, literal, non_sync in pieces:
             self.send(head)
             if not non_sync:
                 response = self._wait_continuation(tag)
@@ -276,7 +266,7 @@ class BackendConnection:
         response, untagged = self._command(b'CAPABILITY')
         if response.status != b'OK':
             raise BackendUnavailable('CAPABILITY failed')
-        return self._untagged_capabilities(untagged)
+        return untagged_capabilities(untagged)
 
     def _command(self, text: bytes) -> tuple[Response, list[bytes]]:
         tag = self._next_tag()
@@ -495,20 +485,6 @@ class BackendConnection:
                 return response
             if response.status == b'BYE':
                 raise BackendUnavailable('server said BYE')
-
-    @staticmethod
-    def _code_capabilities(response: Response) -> list[bytes]:
-        code = response.code or b''
-        if code[:11].upper() != b'CAPABILITY ':
-            return []
-        return code[11:].split()
-
-    @staticmethod
-    def _untagged_capabilities(lines: list[bytes]) -> list[bytes]:
-        for line in lines:
-            if line[:13].upper() == b'* CAPABILITY ':
-                return line[13:].split()
-        return []
 
     @property
     def capabilities(self) -> list[bytes]:

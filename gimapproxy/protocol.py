@@ -17,7 +17,8 @@ __all__ = [
     'ProtocolError', 'LineTooLong', 'BadLiteral',
     'Line', 'LiteralData', 'Framer', 'literal_of', 'literal_size',
     'Response', 'parse_response',
-    'quote', 'astring', 'filter_capabilities', 'rewrite_capabilities',
+    'quote', 'astring', 'login_command', 'code_capabilities', 'untagged_capabilities',
+    'filter_capabilities', 'rewrite_capabilities',
     'MAX_LITERAL',
 ]
 
@@ -296,6 +297,20 @@ _DROP_EXACT = frozenset((b'STARTTLS', b'SASL-IR', b'LOGINDISABLED', b'LOGIN-REFE
 _DROP_PREFIX = (b'AUTH=', b'COMPRESS=')
 
 
+def code_capabilities(response: Response) -> list[bytes]:
+    """The capabilities in a response's [CAPABILITY ...] code, or []."""
+    code = response.code or b''
+    return code[11:].split() if code[:11].upper() == b'CAPABILITY ' else []
+
+
+def untagged_capabilities(lines: list[bytes]) -> list[bytes]:
+    """The capabilities of the first `* CAPABILITY` line among `lines`, or []."""
+    for line in lines:
+        if line[:13].upper() == b'* CAPABILITY ':
+            return line[13:].split()
+    return []
+
+
 def filter_capabilities(caps: list[bytes]) -> list[bytes]:
     """Return `caps` without the ones a client of the proxy must not see (R39, R40)."""
     return [cap for cap in caps
@@ -352,3 +367,26 @@ def astring(value: bytes, non_sync: bool) -> tuple[bytes, Optional[bytes]]:
     except ValueError:
         marker = b'{%d+}' % len(value) if non_sync else b'{%d}' % len(value)
         return marker, value
+
+
+def login_command(tag: bytes, user: bytes, password: bytes,
+                  caps) -> tuple[list[tuple[bytes, bytes, bool]], bytes]:
+    """The LOGIN command for `user` and `password` in pieces: quoted strings where they
+    can be, literals where not (RFC 7888 section 5: LITERAL+ allows any non-synchronizing
+    literal, LITERAL- up to 4096 octets; otherwise the server's "+" comes before each).
+
+    Returns:
+        ([(text up to a literal, the literal, non-synchronizing)], the text after the
+        last literal). Send each text, wait for "+" unless non-synchronizing, send its
+        literal; then the rest.
+    """
+    parts = [tag + b' LOGIN']
+    pieces = []
+    for value in (user, password):
+        non_sync = b'LITERAL+' in caps or (b'LITERAL-' in caps and len(value) <= 4096)
+        text, literal = astring(value, non_sync)
+        parts.append(b' ' + text)
+        if literal is not None:
+            pieces.append((b''.join(parts) + b'\r\n', literal, non_sync))
+            parts = []
+    return pieces, b''.join(parts) + b'\r\n'

@@ -293,3 +293,16 @@ def test_deep_nesting_is_refused_without_recursion():
 def test_literal8_is_refused_before_login():
     with pytest.raises(BadCommand, match='literal8 not allowed here'):
         parse_command(b'a LOGIN user ~{9+}\r\n')
+
+
+@pytest.mark.parametrize('caps, pieces, tail', [
+    ({b'LITERAL+'}, [], b't LOGIN "bob" "p\\"w"\r\n'),
+    ({b'LITERAL+'}, [(b't LOGIN "bob" {3+}\r\n', b'\xe4\xf6x', True)], b'\r\n'),
+    (set(), [(b't LOGIN {4}\r\n', b'b\xf6b\n', False),
+             (b' {3}\r\n', b'\xe4\xf6x', False)], b'\r\n'),
+])
+def test_login_command(caps, pieces, tail):
+    from gimapproxy.protocol import login_command
+    user = b'bob' if caps and not pieces else b'b\xf6b\n' if not caps else b'bob'
+    password = b'p"w' if not pieces else b'\xe4\xf6x'
+    assert login_command(b't', user, password, caps) == (pieces, tail)
