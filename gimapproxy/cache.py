@@ -7,10 +7,10 @@ connection out. So two logins can never get the same connection, and a connectio
 expired is never handed out.
 
 A cached entry is handed out only to a login of the same identity whose password verifier
-matches (R16-R18): HMAC-SHA256 under a random key made when the cache is created, compared
-in constant time (R17). A wrong password finds no match and leaves the entries alone (R19).
+matches: HMAC-SHA256 under a random key made when the cache is created, compared
+in constant time. A wrong password finds no match and leaves the entries alone.
 An entry also carries the sticky state (`profile`) its connection has, such as ENABLEd
-extensions; it is handed out only to a session that asks for exactly that state (R32).
+extensions; it is handed out only to a session that asks for exactly that state.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class ConnectionCache:
         return len(self._entries.get(key, ())) + self._pending.get(key, 0)
 
     def verifier(self, secret: bytes) -> bytes:
-        """HMAC-SHA256 of the length-prefixed secret under this cache's random key (R17)."""
+        """HMAC-SHA256 of the length-prefixed secret under this cache's random key."""
         return hmac.new(self._hmac_key, struct.pack('>I', len(secret)) + secret,
                         hashlib.sha256).digest()
 
@@ -198,7 +198,7 @@ class ConnectionCache:
     def add(self, key: Hashable, verifier: bytes, conn) -> tuple[Entry, list[Entry]]:
         """Register a freshly logged-in connection in a reserved slot; it is active.
 
-        Entries of the same identity logged in with another password are retired (R20):
+        Entries of the same identity logged in with another password are retired:
         active ones will not be cached again; cached ones are removed and returned, with
         the new entry, for the caller to close.
         """
@@ -250,7 +250,7 @@ class ConnectionCache:
 
     def flush(self, user: Optional[bytes] = None) -> list[Entry]:
         """Remove and return the cached entries of `user` (any authzid), or all of them;
-        the user's active entries are retired so that they are not cached again (R22).
+        the user's active entries are retired so that they are not cached again.
         The caller logs the returned connections out."""
         flushed = []
         for key, entries in list(self._entries.items()):
@@ -310,7 +310,7 @@ class ConnectionCache:
         else:
             self._pending.pop(key, None)
 
-    # -- watching cached sockets (R30) -----------------------------------------------------
+    # -- watching cached sockets -----------------------------------------------------------
 
     def _watch(self, entry: Entry) -> None:
         # A cached connection must stay silent. Anything readable (an autologout BYE, a

@@ -1,4 +1,4 @@
-"""The client's address for the server: the fields of the proxy's own ID (R41, R42).
+"""The client's address for the server: the fields of the proxy's own ID (RFC 2971).
 
 Pure functions; the session supplies addresses and the client's own ID fields.
 """
@@ -11,7 +11,7 @@ __all__ = ['is_trusted', 'id_fields', 'originating_ip']
 
 # Fields that say where a connection comes from: Dovecot's imap-login honours them from
 # login_trusted_networks, so the proxy takes them from a client only when it trusts that
-# client too (R42).
+# client too.
 _FORWARDING = (b'x-originating-', b'x-connected-', b'x-session-', b'x-proxy-ttl',
                b'x-forward-')
 
@@ -50,7 +50,7 @@ def id_fields(client_fields: list, peer: tuple, local: tuple, session_id: str,
               trusted: bool) -> list:
     """The proxy's ID for a new server connection, as (name, value) byte pairs.
 
-    The client's own fields come first (R41); its forwarding fields only when it is
+    The client's own fields come first; its forwarding fields only when it is
     `trusted`, and then they win over the proxy's view of the connection.
     """
     keep = [(key, value) for key, value in client_fields

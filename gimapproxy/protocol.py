@@ -290,8 +290,8 @@ def parse_response(line: bytes) -> Response:
 
 
 # Capabilities the proxy must never pass on: it cannot splice compression or security
-# layers into a cached connection (RFC 4978 section 3, R34), it handles authentication
-# itself (R38, R40), and a reused connection cannot be logged out of or referred.
+# layers into a cached connection (RFC 4978 section 3), it handles authentication
+# itself, and a reused connection cannot be logged out of or referred.
 _DROP_EXACT = frozenset((b'STARTTLS', b'SASL-IR', b'LOGINDISABLED', b'LOGIN-REFERRALS',
                          b'UNAUTHENTICATE'))
 _DROP_PREFIX = (b'AUTH=', b'COMPRESS=')
@@ -312,7 +312,7 @@ def untagged_capabilities(lines: list[bytes]) -> list[bytes]:
 
 
 def filter_capabilities(caps: list[bytes]) -> list[bytes]:
-    """Return `caps` without the ones a client of the proxy must not see (R39, R40)."""
+    """Return `caps` without the ones a client of the proxy must not see."""
     return [cap for cap in caps
             if cap.upper() not in _DROP_EXACT and not cap.upper().startswith(_DROP_PREFIX)]
 

@@ -159,7 +159,7 @@ class ProxyServer(StreamServer):
         for host, _ in self.config.servers:
             if self.config.server_tls == 'off' and not _is_loopback(host):
                 log.warning('server_tls is off: passwords cross the network in clear text '
-                            'to %s (R15)', host)
+                            'to %s', host)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, give open sessions up to `timeout` seconds (default
@@ -184,7 +184,7 @@ class ProxyServer(StreamServer):
         """Run one client's session (called by StreamServer in a pool greenlet)."""
         self.counters['clients'] += 1
         if len(self.pool) > self.config.max_clients:
-            # R47: refuse, and keep accepting; the pool counts this greenlet too.
+            # Refuse, and keep accepting; the pool counts this greenlet too.
             self.counters['clients_refused'] += 1
             log.warning('client refused: peer=%s:%s reason=max_clients %d reached',
                         address[0], address[1], self.config.max_clients)
