@@ -426,3 +426,34 @@ def test_tls_session_is_offered_only_to_its_server_and_name(two_tls_servers, pki
     assert _connect(tls, '127.0.0.2', b) is True
     assert _connect(tls, 'localhost', a) is True
     assert tls.resumed == 3
+
+
+class _FakeTLSSocket:
+    def __init__(self, session):
+        self.session = session
+        self.session_reused = False
+
+
+class _FakeContext:
+    """Hands out fake TLS sockets, each with a session of its own, and records offers."""
+
+    def __init__(self):
+        self.offered = []
+
+    def wrap_socket(self, sock, server_hostname=None, session=None):
+        self.offered.append((server_hostname, session))
+        return _FakeTLSSocket(object())
+
+
+def test_tls_sessions_kept_are_bounded():
+    from gimapproxy.tls import MAX_SESSIONS
+    tls = BackendTLS(make_config({'server_hostname': 'localhost', 'server_tls': 'implicit'}))
+    context = tls.context = _FakeContext()
+    hosts = ['host%d.test' % i for i in range(MAX_SESSIONS + 5)]
+    for host in hosts:
+        tls.remember(tls.wrap(None, host))
+    assert len(tls._sessions) == MAX_SESSIONS
+    tls.wrap(None, hosts[0])                   # the oldest was dropped
+    tls.wrap(None, hosts[-1])                  # the newest is kept
+    assert context.offered[-2] == (hosts[0], None)
+    assert context.offered[-1][1] is not None
