@@ -135,8 +135,11 @@ _PROBE_MESSAGE = (b'From: probe@example.org\r\nSubject: probe\r\n\r\n'
 _APPENDUID = re.compile(rb'\[APPENDUID \d+ (\d+)\]')
 
 
-def probe(port: int, user: str, password: str) -> list[bytes]:
+def probe(port: int, user: str, password: str, prelude: tuple = ()) -> list[bytes]:
     """Run the fixed probe as a new session of `user`; return its transcript.
+
+    `prelude` (command texts) runs first, unrecorded: tests of the probe itself use it
+    to leave a session in the state a proxy must not hand on.
 
     A fresh login answers: FETCH BAD (nothing selected); SELECT without HIGHESTMODSEQ
     (no CONDSTORE); STORE with its untagged FETCH (no NOTIFY NONE) and no MODSEQ; an
@@ -145,6 +148,9 @@ def probe(port: int, user: str, password: str) -> list[bytes]:
     """
     with Session(port) as s:
         s.login(user, password)
+        for i, text in enumerate(prelude):
+            s.command(b'q%d' % i, text)
+        del s.lines[:]
         s.command(b'p1', b'FETCH 1:2 (FLAGS)')
         s.command(b'p2', b'SELECT INBOX')
         s.command(b'p3', b'STORE 1 +FLAGS (\\Flagged)')
@@ -160,11 +166,18 @@ def probe(port: int, user: str, password: str) -> list[bytes]:
         return s.lines
 
 
-def wait_settled(proxy, user: str, timeout: float = 5.0) -> None:
-    """Wait until no connection of `user` is in use: its last session's connection is
-    cached or closed, whatever the proxy decided."""
+def busy(proxy, user: str) -> int:
+    """How many connections of `user` the proxy has in use (not cached)."""
+    return sum(row['active'] for row in proxy.cache.listing() if row['user'] == user)
+
+
+def wait_settled(proxy, user: str, timeout: float = 5.0, baseline: int = 0) -> None:
+    """Wait until at most `baseline` connections of `user` are in use: its last
+    session's connection is cached or closed, whatever the proxy decided.
+
+    Raises AssertionError after `timeout` seconds."""
     with gevent.Timeout(timeout, AssertionError('%s: a connection is still busy' % user)):
-        while any(row['user'] == user and row['active'] for row in proxy.cache.listing()):
+        while busy(proxy, user) > baseline:
             gevent.sleep(0.01)
 
 
@@ -182,6 +195,6 @@ def login_results(lines: list[str], user: str) -> list[str]:
 
 
 def closes_of(lines: list[str]) -> list[str]:
-    """The reasons of the backend closes in the log, in order."""
-    return [line.split('reason=', 1)[1] for line in lines
+    """The reasons of the backend closes in the log, in order (without the age)."""
+    return [re.sub(r' age=\S+$', '', line.split('reason=', 1)[1]) for line in lines
             if line.startswith('backend closed:') and 'reason=' in line]
