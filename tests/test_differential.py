@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, reject, seed, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Backend, start_proxy
-from tests.transcript import (Session, busy, closes_of, login_results, probe,
+from tests.transcript import (Session, busy, closes_of, diff, login_results, probe,
                               start_dovecot, wait_settled)
 
 FUZZ_EXAMPLES = int(os.environ.get('GIMAPPROXY_FUZZ_EXAMPLES', '40'))
@@ -279,13 +279,9 @@ def check_example(server, proxy, log, user, password, script, tally) -> None:
     for reason in closes_of(new_lines):
         tally.reasons[_ID.sub('', reason).strip()] += 1
     if through != fresh:
-        import difflib
-        diff = '\n'.join(difflib.unified_diff(
-            [line.decode('latin-1').rstrip('\r\n') for line in fresh],
-            [line.decode('latin-1').rstrip('\r\n') for line in through],
-            'fresh direct login', 'next session through the proxy', lineterm=''))
+        changes = diff(through, fresh, 'next session through the proxy', 'fresh login')
         message = ('after this first session:\n%s\n\nthe next session differs (login '
-                   'results %s):\n%s' % (describe(script), results, diff))
+                   'results %s):\n%s' % (describe(script), results, changes))
         tally.failures.append(message)
         if not KEEP_GOING:
             raise AssertionError(message)
@@ -322,6 +318,7 @@ def test_next_session_equals_a_fresh_login(server, proxy, proxy_log, request):
         print(summary)
         if terminal is not None:
             terminal.write_line('\n' + summary)
+    assert 'pw-fz' not in '\n'.join(proxy_log.lines), 'a password reached the log'
     assert not tally.failures, '\n\n'.join(tally.failures)
     assert tally.examples >= min(FUZZ_EXAMPLES, 10), tally.line()
     # Most first sessions are clean: the probe must often run on a reused connection,

@@ -11,6 +11,7 @@ Used by tests/test_attacks.py and tests/test_differential.py.
 """
 from __future__ import annotations
 
+import difflib
 import re
 import socket
 import time
@@ -47,6 +48,15 @@ def normalize(line: bytes) -> bytes:
     for pattern, replacement in _VOLATILE:
         line = pattern.sub(replacement, line)
     return line
+
+
+def diff(got: list, want: list, got_name: str = 'through the proxy',
+         want_name: str = 'direct Dovecot') -> str:
+    """Two transcripts as a unified diff, for an assertion message."""
+    return '\n'.join(difflib.unified_diff(
+        [line.decode('latin-1').rstrip('\r\n') for line in want],
+        [line.decode('latin-1').rstrip('\r\n') for line in got],
+        want_name, got_name, lineterm=''))
 
 
 def start_dovecot(prefix: str, count: int) -> Dovecot:
