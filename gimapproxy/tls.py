@@ -1,13 +1,15 @@
 """TLS contexts from the configuration, towards the server and towards clients.
 
 Towards the server the default is strict: the system trust store (or `tls_ca_file`),
-chain and host name verified, SNI sent (R49). The last TLS session is kept and offered on
-the next connection, so that new backend connections resume instead of doing a full
-handshake.
+chain and host name verified, SNI sent (RFC 6066 section 3). New backend connections
+resume an earlier TLS session instead of doing a full handshake, but only one made with
+the same host and the same name: OpenSSL resumes a session without checking the
+certificate again, so a session made under one name must never be offered under another.
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional
 
 from gevent import ssl
@@ -19,6 +21,10 @@ __all__ = ['BackendTLS', 'client_context', 'describe_error']
 log = logging.getLogger('gimapproxy.tls')
 
 _VERSIONS = {'tlsv1.2': ssl.TLSVersion.TLSv1_2, 'tlsv1.3': ssl.TLSVersion.TLSv1_3}
+
+# Sessions kept, one per (host, server name): more than the servers of any configuration,
+# few enough that a long list of names cannot grow memory.
+MAX_SESSIONS = 32
 
 
 class BackendTLS:
@@ -37,27 +43,40 @@ class BackendTLS:
             context.set_ciphers(config.tls_ciphers)
         context.minimum_version = _VERSIONS[config.tls_min_version]
         self.context = context
-        self._session = None
+        # (host, name sent) -> the last session made with them, least recently used first.
+        self._sessions: dict[tuple[str, str], object] = {}
+        # Each wrapped socket's (host, name) until `remember` files its session.
+        self._keys: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
         self.resumed = 0              # new connections that resumed an earlier session
 
     def wrap(self, sock, host: str):
         """Run the TLS handshake on `sock` with server `host` (checked and sent as SNI
-        unless tls_server_name says otherwise), offering the last session for resumption.
+        unless tls_server_name says otherwise), offering for resumption only a session
+        made with the same host and the same name.
 
         Returns the TLS socket. Raises ssl.SSLError (ssl.SSLCertVerificationError when a
         certificate check fails) or OSError.
         """
-        return self.context.wrap_socket(sock, server_hostname=self.server_name or host,
-                                        session=self._session)
+        key = (host, self.server_name or host)
+        session = self._sessions.get(key)
+        wrapped = self.context.wrap_socket(sock, server_hostname=key[1], session=session)
+        self._keys[wrapped] = key
+        return wrapped
 
     def remember(self, sock) -> None:
-        """Keep `sock`'s session for the next connection (TLS 1.3 sends its ticket after
-        the handshake, so call this once data has been read)."""
+        """Keep `sock`'s session for the next connection to the same host under the same
+        name (TLS 1.3 sends its ticket after the handshake, so call this once data has
+        been read). A socket that `wrap` did not make is ignored."""
         if sock.session_reused:
             self.resumed += 1
+        key = self._keys.pop(sock, None)
         session = getattr(sock, 'session', None)
-        if session is not None:
-            self._session = session
+        if key is None or session is None:
+            return
+        self._sessions.pop(key, None)            # re-inserted: now the most recent
+        self._sessions[key] = session
+        while len(self._sessions) > MAX_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
 
 
 def client_context(config: ProxyConfig) -> Optional[ssl.SSLContext]:
