@@ -267,8 +267,8 @@ KEYS = (
     Key('idle_timeout', _seconds(1, 86400), '1800',
         'Seconds of silence on both sides after login before the session is closed (an '
         'IDLE kept alive by the server counts as traffic).'),
-    Key('max_line_length', _integer(512, 1048576), '8192',
-        'Longest command line before login, in bytes.'),
+    Key('max_line_length', _integer(512, 1048576), '65536',
+        'Longest command line before login, in bytes (Dovecot takes a 30 KB ID).'),
     Key('max_literal_size', _integer(0, 1048576), '8192',
         'Largest literal before login: a bigger synchronizing one gets NO, a '
         'non-synchronizing one ends the session.'),
