@@ -34,10 +34,6 @@ MAX_SERVER_LINE = 16 * 1024 * 1024
 # Untagged data the proxy reads and drops while it runs its own command.
 MAX_DISCARD = 4 * 1024 * 1024
 RECV_SIZE = 65536
-# A client that leaves mid-command: how much of the rest the proxy reads and drops to keep
-# the connection. A 10 MB FETCH fits; a bigger one costs a new login instead.
-FINISH_BUDGET = 32 * 1024 * 1024
-FINISH_TIMEOUT = 10.0
 LOGOUT_TIMEOUT = 2.0
 
 
@@ -324,36 +320,6 @@ class BackendConnection:
         elif status != b'NO':
             raise BackendError('EXAMINE answered %s' % printable(status))
 
-    def finish(self, tags: set[bytes]) -> None:
-        """Read and drop responses until every tag in `tags` has its tagged reply and no
-        response is half read: the rest of what a departed client started.
-
-        Raises:
-            BackendError: more than FINISH_BUDGET bytes or FINISH_TIMEOUT seconds, a
-                continuation request (the server wants input nobody will send), a BYE, a
-                foreign tag, EOF.
-        """
-        budget = FINISH_BUDGET
-        with gevent.Timeout(FINISH_TIMEOUT, BackendUnavailable('finish timeout')):
-            while tags or not self.framer.at_boundary:
-                event = self._event()
-                budget -= len(event.data)
-                if budget < 0:
-                    raise BackendError('more than %d bytes to finish' % FINISH_BUDGET)
-                if isinstance(event, LiteralData) or not event.first:
-                    continue
-                response = parse_response(event.data)
-                if response.kind == 'tagged':
-                    if response.tag not in tags:
-                        raise BackendDesync('reply to a tag not in flight')
-                    tags.discard(response.tag)
-                elif response.kind == 'continuation':
-                    raise BackendError('server waits for input')
-                elif response.status == b'BYE':
-                    raise BackendUnavailable('server said BYE')
-                elif response.status == b'BAD':
-                    raise BackendDesync('untagged BAD')
-
     def logout(self, reason: str) -> None:
         """Send LOGOUT, wait briefly for its reply, then close with `reason`. Never raises."""
         try:
@@ -406,7 +372,12 @@ class BackendConnection:
 
     # -- reading responses -------------------------------------------------------------
 
-    def _event(self):
+    def read_event(self):
+        """The next Line or LiteralData from the server, reading as needed.
+
+        Raises:
+            BackendDesync: bad framing. BackendUnavailable: EOF or a socket error.
+        """
         while True:
             try:
                 event = self.framer.next_event()
@@ -420,7 +391,7 @@ class BackendConnection:
             self.framer.feed(data)
 
     def _read_line(self) -> bytes:
-        event = self._event()
+        event = self.read_event()
         if not isinstance(event, Line) or event.literal is not None:
             raise BackendDesync('expected a plain line')
         return event.data
@@ -428,7 +399,7 @@ class BackendConnection:
     def _skip_literals(self, event: Line, budget: list) -> None:
         """Read past the rest of a response whose first line is `event`, within `budget`."""
         while isinstance(event, LiteralData) or event.literal is not None:
-            event = self._event()
+            event = self.read_event()
             budget[0] -= len(event.data)
             if budget[0] < 0:
                 raise BackendError('too much unsolicited data')
@@ -447,7 +418,7 @@ class BackendConnection:
         untagged: list[bytes] = []
         budget = [MAX_DISCARD]
         while True:
-            event = self._event()
+            event = self.read_event()
             if not isinstance(event, Line) or not event.first:
                 raise BackendDesync('response out of order')
             budget[0] -= len(event.data)
@@ -475,8 +446,10 @@ class BackendConnection:
     def _wait_continuation(self, tag: bytes) -> Optional[Response]:
         """Wait for `+`; return None on it, or the tagged reply that refused the literal."""
         while True:
-            line = self._read_line()
-            response = parse_response(line)
+            try:
+                response = parse_response(self._read_line())
+            except ProtocolError as exc:
+                raise BackendDesync(str(exc)) from None
             if response.kind == 'continuation':
                 return None
             if response.kind == 'tagged':

@@ -22,15 +22,21 @@ from typing import Callable, Optional
 
 import gevent
 
-from .backend import BackendConnection, BackendError, LoginRefused, State
+from .backend import (BackendConnection, BackendDesync, BackendError, BackendUnavailable,
+                      LoginRefused, State)
 from .cache import CacheFull, Entry
 from .logfmt import printable
-from .protocol import Response
+from .protocol import LiteralData, ProtocolError, Response, parse_response
 from .tracker import Tracker
 
 __all__ = ['Lease', 'LoginFailed', 'ServerChoice']
 
 log = logging.getLogger('gimapproxy.lease')
+
+# A client that leaves mid-command: how much of the rest the proxy reads and drops to keep
+# the connection. A 10 MB FETCH fits; a bigger one costs a new login instead.
+FINISH_BUDGET = 32 * 1024 * 1024
+FINISH_TIMEOUT = 10.0
 
 
 class LoginFailed(Exception):
@@ -138,7 +144,7 @@ class Lease:
             try:
                 if tracker.idle is not None:
                     conn.send(b'DONE\r\n')           # RFC 2177 section 3
-                conn.finish(set(tracker.inflight))
+                finish(conn, set(tracker.inflight))
             except BackendError as exc:
                 reason = 'could not finish the commands in flight: %s' % exc.reason
         if reason is not None:
@@ -168,6 +174,38 @@ class Lease:
         """Forget and close the connection, logging `reason`."""
         self.server.cache.discard(self.entry)
         self.conn.close(reason)
+
+
+def finish(conn: BackendConnection, tags: set) -> None:
+    """Read and drop responses until every tag in `tags` has its tagged reply and no
+    response is half read: the rest of what a departed client started.
+
+    Raises:
+        BackendError: more than FINISH_BUDGET bytes or FINISH_TIMEOUT seconds, a
+            continuation request (the server wants input nobody will send), a BYE, an
+            untagged BAD, a foreign tag, EOF.
+    """
+    budget = FINISH_BUDGET
+    with gevent.Timeout(FINISH_TIMEOUT, BackendUnavailable('finish timeout')):
+        while tags or not conn.framer.at_boundary:
+            event = conn.read_event()
+            budget -= len(event.data)
+            if budget < 0:
+                raise BackendError('more than %d bytes to finish' % FINISH_BUDGET)
+            if isinstance(event, LiteralData) or not event.first:
+                continue
+            try:
+                response = parse_response(event.data)
+            except ProtocolError:
+                raise BackendDesync('malformed response') from None
+            if response.kind == 'tagged':
+                if response.tag not in tags:
+                    raise BackendDesync('reply to a tag not in flight')
+                tags.discard(response.tag)
+            elif response.kind == 'continuation':
+                raise BackendError('server waits for input')
+            elif response.status in (b'BYE', b'BAD'):
+                raise BackendError('server said %s' % response.status.decode())
 
 
 def _call(farewell: Optional[Callable[[], None]]) -> None:
