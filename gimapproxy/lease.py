@@ -148,7 +148,7 @@ class Lease:
             except BackendError as exc:
                 reason = 'could not finish the commands in flight: %s' % exc.reason
         if reason is not None:
-            self.drop('not reusable after %s: %s' % (why, reason))
+            self.drop_unclean(why, reason)
             _call(farewell)
             return
         conn.profile, conn.enabled = tracker.profile, tracker.enabled
@@ -169,6 +169,12 @@ class Lease:
             self.drop('unsolicited data after reset')
             return
         release(self.server, entry, self.id)
+
+    def drop_unclean(self, why: str, unclean: str) -> None:
+        """Close the connection instead of caching it: after `why` (how the session
+        ended), it is not clean for the reason `unclean`, which is also counted."""
+        self.server.metrics.not_reusable(unclean)
+        self.drop('not reusable after %s: %s' % (why, unclean))
 
     def drop(self, reason: str) -> None:
         """Forget and close the connection, logging `reason`."""

@@ -273,7 +273,7 @@ class Relay:
         except (BackendError, ProtocolError) as exc:
             reason = getattr(exc, 'reason', None) or str(exc)
             if self.tracker.logging_out and self.tracker.server_bye:
-                self.pump_end = End('server', 'logout answered by the server')
+                self.pump_end = End('server', 'logout by the server')
             else:
                 self.pump_end = End('server', 'backend ended: %s' % reason)
                 if not self.tracker.server_bye:

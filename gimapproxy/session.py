@@ -412,7 +412,7 @@ class ClientSession:
             self.close_client()
             lease.keep(end.reason, tracker)
         elif tracker.unclean is not None:
-            lease.drop('not reusable after %s: %s' % (end.reason, tracker.unclean))
+            lease.drop_unclean(end.reason, tracker.unclean)
         else:
             lease.drop(end.reason)
         return end.reason

@@ -39,6 +39,7 @@ class Stats:
         self.started = time.time()
         self.counters: collections.Counter = collections.Counter()
         self.closed: collections.Counter = collections.Counter()    # by reason class
+        self.unclean: collections.Counter = collections.Counter()   # not cached, by reason
         self._latency = {result: [0] * (len(LATENCY_BUCKETS) + 1)
                          for result in ('new', 'reused', 'failed')}
         self._latency_sum = collections.Counter()
@@ -53,6 +54,10 @@ class Stats:
 
     def backend_closed(self, reason: str) -> None:
         self.closed[reason_class(reason)] += 1
+
+    def not_reusable(self, reason: str) -> None:
+        """A connection closed instead of cached, for the tracker's `reason`."""
+        self.unclean[reason_class(reason)] += 1
 
     # -- reading -------------------------------------------------------------------------
 
@@ -74,7 +79,8 @@ class Stats:
             'backend_connections': dict(
                 {state.value: 0 for state in State if state is not State.CLOSED},
                 **self.states(), created=counters['backend_created'],
-                expired=counters['expired'], closed_by_reason=dict(self.closed)),
+                expired=counters['expired'], closed_by_reason=dict(self.closed),
+                not_reusable_by_reason=dict(self.unclean)),
             'bytes_relayed': {'client_to_server': counters['bytes_in'],
                               'server_to_client': counters['bytes_out']},
         }
@@ -109,6 +115,12 @@ class Stats:
         for reason, count in sorted(self.closed.items()):
             closed.add_metric([reason], count)
         yield closed
+        unclean = CounterMetricFamily('gimapproxy_backend_not_reusable',
+                                      'Server connections closed instead of cached, by why '
+                                      'they were not clean.', labels=['reason'])
+        for reason, count in sorted(self.unclean.items()):
+            unclean.add_metric([reason], count)
+        yield unclean
         latency = HistogramMetricFamily('gimapproxy_login_seconds',
                                         'Time from LOGIN to its answer.', labels=['result'])
         for result, counts in self._latency.items():

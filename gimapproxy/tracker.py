@@ -252,7 +252,7 @@ class Tracker:
         if not name:
             return command
         if command.reads is None:
-            self.doubt('unknown command %s' % name[:30].decode('ascii'))
+            self.doubt('unknown command: %s' % name[:30].decode('ascii'))
         elif name in STICKY:
             self.doubt(name.decode().lower())
             self.logging_out = self.logging_out or name == b'LOGOUT'
@@ -279,7 +279,7 @@ class Tracker:
         if line.literal is None:
             return data
         if not self.reads_literal(command, data, pos):
-            self.doubt('literal the server does not read (%s)'
+            self.doubt('literal the server does not read: %s'
                        % (command.name.decode() or 'no command'))
             return data
         size = line.literal

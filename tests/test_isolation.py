@@ -361,7 +361,7 @@ def test_identity_change_is_never_cached(iso, round_, proxy_log):
         client.logout()
     # The server answers that LOGOUT itself: the connection is closed, never cached.
     with gevent.Timeout(5, AssertionError('no close line')):
-        while not any('not reusable after' in line and 'unknown command LOGIN' in line
+        while not any('not reusable after' in line and 'unknown command: LOGIN' in line
                       for line in proxy_log.lines):
             gevent.sleep(0.02)
 
