@@ -1,5 +1,6 @@
 """bin/gimapproxy as a real process: arguments, exit codes, signals."""
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from gimapproxy import cli, make_config
 from tests.conftest import REPO
 from tests.backends import free_port
 from tests.wire import Client
@@ -28,8 +30,55 @@ def test_version_and_help():
     assert result.returncode == 2 and 'Usage:' in result.stderr
 
 
+def shipped_ini(tmp_path):
+    """etc/proxy.ini, or where the system user it runs as (gimapproxy) does not exist
+    here, a copy that runs as nobody."""
+    shipped = os.path.join(REPO, 'etc', 'proxy.ini')
+    try:
+        pwd.getpwnam('gimapproxy')
+        return shipped
+    except KeyError:
+        copy = tmp_path / 'shipped.ini'
+        copy.write_text(open(shipped).read().replace('proc_username = gimapproxy',
+                                                     'proc_username = nobody'))
+        return str(copy)
+
+
+def test_check_without_config_says_what_is_missing():
+    for args in (['--check'], [], ['stats'], ['flush', 'bob']):
+        result = run(*args)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith('gimapproxy: no configuration file: give it with '
+                                        '-c FILE'), (args, result.stderr)
+        assert 'Usage:' in result.stderr and 'Warning' not in result.stderr, result.stderr
+        assert 'unmatched' not in result.stderr and result.stdout == ''
+    result = run('--bogus', '-c', 'x.ini')
+    assert result.stderr.startswith('gimapproxy: these arguments match no usage: --bogus')
+
+
+def test_root_warning_only_as_root_without_proc_username():
+    as_root = make_config({'server_hostname': 'imap.example'})
+    dropping = make_config({'server_hostname': 'imap.example', 'proc_username': 'nobody'})
+    assert 'running as root' in cli.root_warning(as_root, 0)
+    assert 'useradd --system' in cli.root_warning(as_root, 0)
+    assert cli.root_warning(as_root, 1000) is None
+    assert cli.root_warning(dropping, 0) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='the warning is about running as root, and '
+                    'this test is not root')
+def test_daemon_warns_when_it_serves_as_root(tmp_path, dovecot):
+    for settings, warned in (({}, True), ({'proc_username': 'nobody'}, False)):
+        process, port = start_daemon(tmp_path, dovecot.port, **settings)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        log = process.stderr.read()
+        assert ('WARNING running as root: proc_username is not set' in log) == warned, log
+        assert ('privileges dropped: user=nobody' in log) == (not warned), log
+
+
 def test_check_good_and_bad_config(tmp_path):
-    result = run('-c', os.path.join(REPO, 'etc', 'proxy.ini'), '--check')
+    result = run('-c', shipped_ini(tmp_path), '--check')
     assert result.returncode == 0, result.stderr
     bad = tmp_path / 'bad.ini'
     bad.write_text('[gimapproxy]\nserver_hostname = x\ncache_size = lots\n')
