@@ -171,3 +171,37 @@ def test_import_patches_nothing_and_loads_no_socket_code():
                             text=True, cwd=REPO, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split('\n')[:2] == ['', 'False']
+
+
+PROMETHEUS_PROBE = """
+from gevent import monkey
+monkey.patch_all()
+import sys, urllib.request
+import gevent
+from gimapproxy import ProxyServer, make_config
+settings = {'listen_port': '0', 'server_hostname': '127.0.0.1', 'server_port': '%d'}
+if %r:
+    settings['stats_listen'] = '127.0.0.1:%d'
+server = ProxyServer(make_config(settings))
+server.start()
+gevent.sleep(0.2)
+print('started', 'prometheus_client' in sys.modules)
+if %r:
+    urllib.request.urlopen('http://127.0.0.1:%d/metrics', timeout=10).read()
+    print('scraped', 'prometheus_client' in sys.modules)
+server.stop(1)
+"""
+
+
+@pytest.mark.parametrize('stats_listen', [False, True])
+def test_prometheus_client_is_imported_only_when_metrics_are_served(pymap, stats_listen):
+    stats_port = free_port()
+    code = PROMETHEUS_PROBE % (pymap.port, stats_listen, stats_port, stats_listen,
+                               stats_port)
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # Started, even with stats_listen on, it has not been needed yet; the first scrape
+    # of /metrics loads it.
+    expected = ['started False'] + (['scraped True'] if stats_listen else [])
+    assert result.stdout.split('\n')[:-1] == expected, result.stdout + result.stderr
