@@ -250,7 +250,7 @@ def test_embedding_example(tmp_path, pymap):
             process.kill()
     # The host configured logging: the proxy's events are in its output, no password.
     log = process.stderr.read()
-    assert re.search(r' gimapproxy\.session INFO login: id=c\d+ user=demouser .*result=new',
+    assert re.search(r' gimapproxy[.\w]* INFO login: id=c\d+ user=demouser .*result=new',
                      log), log
     assert 'demopass' not in log and 'Traceback' not in log
     doc = open(os.path.join(REPO, 'examples', 'embed_in_wsgi.py')).read().split('"""')[1]
