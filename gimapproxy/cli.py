@@ -91,8 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def usage_error(argv: list[str]) -> str:
     """The message for arguments that match no usage line: what is wrong, in words (not
     docopt's internal report), then the usage lines."""
-    has_config = any(arg in ('-c', '--config') or arg.startswith(('--config=', '-c'))
-                     and arg != '--check' for arg in argv)
+    has_config = any(arg == '--config' or arg.startswith(('--config=', '-c')) for arg in argv)
     wants_config = not argv or argv[0] in ('stats', 'flush') or '--check' in argv
     if wants_config and not has_config:
         problem = ('no configuration file: give it with -c FILE, for example '
