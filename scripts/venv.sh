@@ -11,7 +11,7 @@
 
 venv_dir=.venv
 
-venv_say() { echo "${0##*/}: $*" >&2; }
+venv_say() { echo "scripts/${0##*/}: $*" >&2; }
 
 venv_fail() {
     venv_say "$*"
