@@ -129,7 +129,33 @@ def test_the_filter_leaves_other_lines_alone(tmp_path):
     assert matched_addresses(log_path) == ['192.0.2.10', '2001:db8::7', '2001:db8::8']
 
 
-def test_jail_example_names_the_filter():
-    text = open(JAIL).read()
-    assert '\n[gimapproxy]\n' in text and '\nfilter   = gimapproxy\n' in text
-    assert '\nlogpath  = /var/log/gimapproxy.log\n' in text
+def test_fail2ban_client_accepts_the_jail(tmp_path):
+    """fail2ban's own configuration check takes the jail example and the filter, in a
+    copy of Debian's /etc/fail2ban with only this jail (the log path made a file that
+    exists here)."""
+    client = shutil.which('fail2ban-client')
+    if client is None or not os.path.isdir('/etc/fail2ban'):
+        pytest.skip('fail2ban is not installed (Debian package fail2ban)')
+    conf = tmp_path / 'fail2ban'
+    shutil.copytree('/etc/fail2ban', conf)
+    for name in os.listdir(conf / 'jail.d'):       # Debian enables sshd there
+        os.remove(conf / 'jail.d' / name)
+    shutil.copy(FILTER, conf / 'filter.d' / 'gimapproxy.conf')
+    log = tmp_path / 'gimapproxy.log'
+    log.write_text('')
+    jail = open(JAIL).read()
+    assert '\nlogpath  = /var/log/gimapproxy.log\n' in jail
+    (conf / 'jail.d' / 'gimapproxy.conf').write_text(
+        jail.replace('/var/log/gimapproxy.log', str(log)))
+    result = subprocess.run([client, '-c', str(conf), '-t'], capture_output=True, text=True,
+                            timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and 'configuration test is successful' in output, output
+    # Like systemd-analyze, it only warns about a bad value: none may be about this jail.
+    assert not [line for line in output.splitlines()
+                if 'gimapproxy' in line and ('WARNING' in line or 'ERROR' in line)], output
+    dump = subprocess.run([client, '-c', str(conf), '-d'], capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "['add', 'gimapproxy', 'auto']" in dump
+    assert "['set', 'gimapproxy', 'maxretry', 5]" in dump
+    assert "['set', 'gimapproxy', 'addlogpath', '%s', 'head']" % log in dump, dump
