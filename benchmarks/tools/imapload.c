@@ -1,7 +1,8 @@
 /*
  * imapload: the benchmarks' IMAP load generator. One thread, one epoll loop, a fixed
- * table of client slots and no allocation while measuring, so that it costs a few
- * microseconds per exchange and is not what limits a run on a small machine.
+ * table of client slots, and no allocation per exchange (the latency list grows by
+ * doubling), so that it costs a few microseconds per exchange and is not what limits a
+ * run on a small machine.
  *
  *   imapload MODE [options]        (imapload --help lists the options)
  *
