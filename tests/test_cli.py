@@ -1,9 +1,11 @@
 """bin/gimapproxy as a real process: arguments, exit codes, signals."""
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -75,6 +77,55 @@ def test_daemon_warns_when_it_serves_as_root(tmp_path, dovecot):
         log = process.stderr.read()
         assert ('WARNING running as root: proc_username is not set' in log) == warned, log
         assert ('privileges dropped: user=nobody' in log) == (not warned), log
+
+
+def as_nobody():
+    """preexec_fn: become nobody, as a service manager's User= would start the proxy."""
+    entry = pwd.getpwnam('nobody')
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='needs root to start the proxy as nobody')
+def test_started_as_proc_username_already(tmp_path, pymap):
+    """systemd's User=gimapproxy with proc_username = gimapproxy: nothing to drop."""
+    probe = subprocess.run([sys.executable, '-c', 'import gevent, docopt, gimapproxy.cli'],
+                           cwd=REPO, preexec_fn=as_nobody, capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip('nobody cannot read this checkout or its Python: %s'
+                    % probe.stderr.decode()[-200:])
+    port = free_port()
+    # pytest's tmp_path is root's alone: the file goes where nobody can read it.
+    folder = tempfile.mkdtemp(prefix='gimapproxy-nobody-')
+    os.chmod(folder, 0o755)
+    ini = os.path.join(folder, 'proxy.ini')
+    with open(ini, 'w') as handle:
+        handle.write('[gimapproxy]\nlisten_port = %d\nserver_hostname = 127.0.0.1\n'
+                     'server_port = %d\nproc_username = nobody\n' % (port, pymap.port))
+    os.chmod(ini, 0o644)
+    process = subprocess.Popen([sys.executable, BIN, '-c', ini], cwd=REPO,
+                               preexec_fn=as_nobody, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with Client(port) as client:
+                    assert client.login('demouser', 'demopass').startswith(b'L1 OK')
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        shutil.rmtree(folder)
+    log = process.stderr.read()
+    assert 'privileges: already user=nobody uid=65534' in log, log
+    assert 'running as root' not in log and 'cannot drop privileges' not in log
 
 
 def test_check_good_and_bad_config(tmp_path):
