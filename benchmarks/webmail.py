@@ -260,6 +260,10 @@ def main():
     args = parse_args()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from tests.backends import dovecot_binary
+    if not dovecot_binary():
+        log('cannot run: missing Dovecot (apt-get install dovecot-imapd)')
+        return 2
     binary = None if args.python_loadgen else find_imapload()
     if binary:
         loadgen, name = functools.partial(run_imapload, binary), 'imapload (%s)' % binary
