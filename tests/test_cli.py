@@ -90,11 +90,15 @@ def as_nobody():
 @pytest.mark.skipif(os.geteuid() != 0, reason='needs root to start the proxy as nobody')
 def test_started_as_proc_username_already(tmp_path, pymap):
     """systemd's User=gimapproxy with proc_username = gimapproxy: nothing to drop."""
-    probe = subprocess.run([sys.executable, '-c', 'import gevent, docopt, gimapproxy.cli'],
-                           cwd=REPO, preexec_fn=as_nobody, capture_output=True, timeout=60)
-    if probe.returncode != 0:
-        pytest.skip('nobody cannot read this checkout or its Python: %s'
-                    % probe.stderr.decode()[-200:])
+    try:
+        probe = subprocess.run([sys.executable, '-c', 'import gevent, docopt, gimapproxy.cli'],
+                               cwd=REPO, preexec_fn=as_nobody, capture_output=True,
+                               timeout=60)
+        problem = probe.stderr.decode()[-200:] if probe.returncode else None
+    except OSError as exc:               # cannot even start the Python of this checkout
+        problem = str(exc)
+    if problem:
+        pytest.skip('nobody cannot read this checkout or its Python: %s' % problem)
     port = free_port()
     # pytest's tmp_path is root's alone: the file goes where nobody can read it.
     folder = tempfile.mkdtemp(prefix='gimapproxy-nobody-')
