@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmarks: processes (the proxy, the C tools) and /proc readings.
+"""Helpers shared by the benchmarks: processes (the proxy, the C tools in
+benchmarks/tools) and /proc readings.
 (Dovecot's settled login count is tests.backends' `settled_login_count`.)
 
 Plain stdlib only, no gevent: the benchmarks run their load in other processes.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -19,9 +21,9 @@ if REPO not in sys.path:
 from tests.backends import Dovecot, free_port  # noqa: E402,F401  (re-exported)
 
 HOST = '127.0.0.1'
-# The C instruments (imapbench.c, relay.c) live beside the checkout, in ../shared/tools;
-# $GIMAPPROXY_TOOLS names another folder that holds them.
-TOOLS_DIR = os.environ.get('GIMAPPROXY_TOOLS') or os.path.join(REPO, '..', 'shared', 'tools')
+# The C instruments, imapload (the load generator) and relay (the plain relay that the
+# proxy is compared with), are built from here with gcc.
+TOOLS_DIR = os.path.join(REPO, 'benchmarks', 'tools')
 
 
 def log(msg):
@@ -95,30 +97,28 @@ def stop_process(proc):
         proc.wait()
 
 
-def build_tool(name, libs=()):
-    """Return the path of the C tool `name` (imapbench, relay), or None.
+def build_tool(name):
+    """Return the path of the C tool `name` (imapload, relay), or None after logging why
+    not (no gcc, or it did not compile).
 
-    $<NAME> (e.g. $IMAPBENCH) may name a prebuilt binary. Otherwise ../shared/tools/<name>.c
-    is built with gcc -O2 into $TMPDIR/gimapproxy-bench-<uid>/, again only when the source
-    is newer than the binary.
+    benchmarks/tools/<name>.c is built with gcc -O2 into $TMPDIR/gimapproxy-bench-<uid>/,
+    under a name that carries a hash of the source, so a changed source is built again
+    and an unchanged one only once.
     """
-    path = os.environ.get(name.upper())
-    if path:
-        if os.access(path, os.X_OK):
-            return path
-        log('%s=%s is not an executable; trying to build %s' % (name.upper(), path, name))
-    src, gcc = os.path.abspath(os.path.join(TOOLS_DIR, name + '.c')), shutil.which('gcc')
-    if not os.path.exists(src) or gcc is None:
-        log('cannot build %s: %s' % (name, 'no gcc' if gcc is None else 'no ' + src))
+    src = os.path.join(TOOLS_DIR, name + '.c')
+    gcc = shutil.which('gcc')
+    if gcc is None:
+        log('cannot build %s: gcc is missing (Debian: apt-get install gcc)' % name)
         return None
+    with open(src, 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
     cache = os.path.join(tempfile.gettempdir(), 'gimapproxy-bench-%d' % os.getuid())
-    binary = os.path.join(cache, name)
-    if os.path.exists(binary) and os.path.getmtime(binary) >= os.path.getmtime(src):
+    binary = os.path.join(cache, '%s-%s' % (name, digest))
+    if os.access(binary, os.X_OK):
         return binary
     os.makedirs(cache, exist_ok=True)
     tmp = '%s.%d' % (binary, os.getpid())     # then renamed: parallel builds don't clash
-    out = subprocess.run([gcc, '-O2', '-o', tmp, src] + list(libs),
-                         capture_output=True, text=True)
+    out = subprocess.run([gcc, '-O2', '-o', tmp, src], capture_output=True, text=True)
     if out.returncode != 0:
         log('building %s failed:\n%s' % (name, out.stderr[-1500:]))
         return None
@@ -126,13 +126,25 @@ def build_tool(name, libs=()):
     return binary
 
 
-def find_imapbench():
-    """Return the path of an imapbench binary ($IMAPBENCH, else built with gcc), or None."""
-    return build_tool('imapbench', ['-lssl', '-lcrypto'])
+def missing_for_benchmark():
+    """What perf.py needs and this machine lacks, as phrases naming the Debian package
+    ('gcc (apt-get install gcc)'); empty when nothing is missing."""
+    from tests.backends import dovecot_binary
+    missing = []
+    if shutil.which('gcc') is None:
+        missing.append('gcc, to build benchmarks/tools (apt-get install gcc)')
+    if not dovecot_binary():
+        missing.append('Dovecot (apt-get install dovecot-imapd)')
+    return missing
 
 
-def start_imapbench(binary, mode, port, options, pid=None):
-    """Start `imapbench MODE --json` against `port` with `options`; return the Popen.
+def find_imapload():
+    """Return the path of the imapload binary (built with gcc), or None."""
+    return build_tool('imapload')
+
+
+def start_imapload(binary, mode, port, options, pid=None):
+    """Start `imapload MODE --json` against `port` with `options`; return the Popen.
     With `pid` it also reports that process's CPU (proxy_cpu_s, in 10 ms ticks) and RSS
     (proxy_rss_kb: [at start, after idle sessions opened, at the end])."""
     cmd = [binary, mode, '--host', HOST, '--port', str(port), '--json']
@@ -140,15 +152,15 @@ def start_imapbench(binary, mode, port, options, pid=None):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish_imapbench(proc):
-    """Wait for an imapbench; return its JSON result as a dict. Raises RuntimeError if it
+def finish_imapload(proc):
+    """Wait for an imapload; return its JSON result as a dict. Raises RuntimeError if it
     failed."""
     try:
         out, err = proc.communicate(timeout=900)
     finally:
         stop_process(proc)
     if proc.returncode != 0 or not out.strip():
-        raise RuntimeError('imapbench failed (rc %s): %s' % (proc.returncode, err[-1000:]))
+        raise RuntimeError('imapload failed (rc %s): %s' % (proc.returncode, err[-1000:]))
     return json.loads(out)
 
 

@@ -1,12 +1,11 @@
 #!/usr/bin/env python3
-"""Performance benchmark (issue 7): Dovecot directly, through a plain C relay and through
-gimapproxy, every scenario in one run, with the issue's targets.
+"""Measure Dovecot directly, through a plain C relay and through gimapproxy, in one run.
 
-Starts two throwaway Dovecots, the C relay (../shared/tools/relay.c) and bin/gimapproxy,
-alternates the endpoints round by round, and prints one table: the median per endpoint, the
-ratios, the target and PASS/FAIL. The exit status is 0 whenever it ran (FAIL rows too).
-Usage: python3 benchmarks/perf.py [--rounds N] [--seconds S] [--quick] [--json].
-See benchmarks/README.md.
+Starts two throwaway Dovecots, the relay (benchmarks/tools/relay.c) and bin/gimapproxy,
+drives them with benchmarks/tools/imapload.c (both built with gcc on first use),
+alternates the endpoints round by round, and prints one table: the median per endpoint,
+the ratios, the target and PASS/FAIL. The exit status is 0 whenever it ran (FAIL rows
+too) and 2 when it could not. benchmarks/README.md says how each row is measured.
 """
 import argparse
 import contextlib
@@ -25,9 +24,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (HOST, Dovecot, build_tool, find_imapbench,  # noqa: E402
-                               finish_imapbench, fmt, free_port, log, on_signal,
-                               start_imapbench, start_proxy, stop_process,
+from benchmarks.common import (HOST, Dovecot, build_tool, find_imapload,  # noqa: E402
+                               finish_imapload, fmt, free_port, log,
+                               missing_for_benchmark, on_signal,
+                               start_imapload, start_proxy, stop_process,
                                task_cpu, wait_greeting)
 from tests.backends import dovecot_binary, make_message  # noqa: E402
 
@@ -72,8 +72,8 @@ service imap {
 # Only the proxy's caps are raised (500 sessions per user at 10,000); all else is default.
 PROXY_SETTINGS = {'cache_size': 12000, 'max_clients': 12000, 'max_connections_per_user': 1000}
 
-# name: (imapbench mode, options). Cycles rotate over user1..user20; bulk FETCHes
-# 56:57 BODY.PEEK[] (imapbench's default) as bulk1.
+# name: (imapload mode, options). Cycles rotate over user1..user20; bulk FETCHes
+# 56:57 BODY.PEEK[] (imapload's default) as bulk1.
 SCENARIOS = {
     'cycle1': ('cycle', ['--clients', 1, '--users', '1-%d' % USERS]),
     'cycle16': ('cycle', ['--clients', 16, '--users', '1-%d' % USERS]),
@@ -83,7 +83,7 @@ SCENARIOS = {
 HEADLINE = {'cycle': ('rate', 'cycles/s'), 'noop': ('p50_us', 'us p50'),
             'bulk': ('mb_per_s', 'MB/s')}
 # Rows comparing the proxy's median with another endpoint's: (row, scenario, field of
-# imapbench's result, compared with, lowest and highest ratio proxy/other, target).
+# imapload's result, compared with, lowest and highest ratio proxy/other, target).
 COMPARISONS = (
     ('webmail cycles/s, 1 client', 'cycle1', 'rate', 'direct', 8, None, '>= 8x direct'),
     ('webmail cycles/s, 16 clients', 'cycle16', 'rate', 'direct', 8, None, '>= 8x direct'),
@@ -96,7 +96,7 @@ COMPARISONS = (
 
 def raise_file_limit():
     """Raise this process's soft open-file limit to the hard limit and return it. The
-    proxy, the relay, Dovecot and imapbench inherit it; the proxy's code is not involved."""
+    proxy, the relay, Dovecot and imapload inherit it; the proxy's code is not involved."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1048576
     if soft == resource.RLIM_INFINITY or soft >= want:
@@ -140,30 +140,30 @@ def start_relay(tool, target_port, workdir):
 
 # --- measuring ---------------------------------------------------------------------
 
-def imapbench(bench, mode, port, options, pid=None):
-    """Run imapbench to the end; return its result, with `pid`'s CPU seconds during the
+def imapload(bench, mode, port, options, pid=None):
+    """Run imapload to the end; return its result, with `pid`'s CPU seconds during the
     run as 'cpu_s' when `pid` is given."""
     cpu0 = task_cpu(pid) if pid else 0
-    result = finish_imapbench(start_imapbench(bench.imapbench, mode, port, options, pid))
+    result = finish_imapload(start_imapload(bench.imapload, mode, port, options, pid))
     if pid:
         result['cpu_s'] = task_cpu(pid) - cpu0
     return result
 
 
 def timed(bench, scenario):
-    """Return (imapbench mode, options) for one timed run of `scenario`."""
+    """Return (imapload mode, options) for one timed run of `scenario`."""
     mode, options = SCENARIOS[scenario]
     return mode, options + ['--seconds', bench.args.seconds, '--warmup', bench.args.warmup,
                             '--timeout', 10]
 
 
 def run_scenario(bench, scenario, endpoint, rnd):
-    """One timed run of `scenario` against `endpoint`; return imapbench's result, tagged.
+    """One timed run of `scenario` against `endpoint`; return imapload's result, tagged.
     Proxy cycle runs also get 'dovecot_logins': the Dovecot logins they caused."""
     mode, options = timed(bench, scenario)
     count_logins = endpoint == 'proxy' and mode == 'cycle'
     before = bench.dovecot.settled_login_count() if count_logins else 0
-    r = imapbench(bench, mode, bench.ports[endpoint], options, bench.pids.get(endpoint))
+    r = imapload(bench, mode, bench.ports[endpoint], options, bench.pids.get(endpoint))
     if count_logins:
         r['dovecot_logins'] = bench.dovecot.settled_login_count() - before
     r.update(scenario=scenario, endpoint=endpoint, round=rnd)
@@ -243,7 +243,7 @@ def connect_burst(port, count, timeout=10.0):
 
 
 def kb_per_session(r):
-    """RSS growth from before to after opening, per session open, of an imapbench idle
+    """RSS growth from before to after opening, per session open, of an imapload idle
     result `r` (None if no session opened)."""
     rss = r['proxy_rss_kb']
     return (rss[1] - rss[0]) / r['sessions_open'] if r['sessions_open'] else None
@@ -251,9 +251,9 @@ def kb_per_session(r):
 
 def idle_memory(bench, port, pid, sessions):
     """Open `sessions` logged-in idle sessions through `port` (50 logins in flight), hold
-    them 1 s; return imapbench's result with 'kb_per_session': the RSS growth of `pid`
+    them 1 s; return imapload's result with 'kb_per_session': the RSS growth of `pid`
     from before to after opening, per session open."""
-    r = imapbench(bench, 'idle', port, ['--sessions', sessions, '--hold', 1, '--clients', 50,
+    r = imapload(bench, 'idle', port, ['--sessions', sessions, '--hold', 1, '--clients', 50,
                                         '--timeout', 60], pid)
     r['kb_per_session'] = kb_per_session(r)
     log('idle      %d sessions open of %d: %s kB per session' % (
@@ -262,7 +262,7 @@ def idle_memory(bench, port, pid, sessions):
 
 
 def wait_until_open(pid, idle_proc):
-    """Wait until `pid`'s open-file count has not changed for 1.5 s (imapbench idle has
+    """Wait until `pid`'s open-file count has not changed for 1.5 s (imapload idle has
     finished opening) or `idle_proc` has exited."""
     last, since = -1, time.monotonic()
     while idle_proc.poll() is None:
@@ -278,25 +278,25 @@ def scale(bench, dovecot, port, pid, sessions):
     """Hold `sessions` idle sessions through a fresh proxy while 16 other clients cycle.
 
     The cycle rate is measured once before the sessions open and once while they are
-    held. Returns the idle run's imapbench result plus 'rate_before', 'rate_held',
+    held. Returns the idle run's imapload result plus 'rate_before', 'rate_held',
     'logins_held' (Dovecot logins per 1,000 cycles while held), 'held_through' (the
     sessions were still open when the cycle run ended), 'rss_mb' and 'kb_per_session'.
     """
     mode, options = timed(bench, 'cycle16')
-    before = imapbench(bench, mode, port, options, pid)
+    before = imapload(bench, mode, port, options, pid)
     hold = bench.args.warmup + bench.args.seconds + 6    # + waiting, settling, draining
-    idle = start_imapbench(bench.imapbench, 'idle', port,
+    idle = start_imapload(bench.imapload, 'idle', port,
                            ['--sessions', sessions, '--clients', 100, '--hold', hold,
                             '--timeout', 60], pid)
     try:
         log('scale     opening %d sessions ...' % sessions)
         wait_until_open(pid, idle)
         logins = dovecot.settled_login_count()
-        held = imapbench(bench, mode, port, options, pid)
+        held = imapload(bench, mode, port, options, pid)
         held_through = idle.poll() is None
         logins = dovecot.settled_login_count() - logins
     finally:
-        r = finish_imapbench(idle)
+        r = finish_imapload(idle)
     r.update(rate_before=before['rate'], rate_held=held['rate'], held_through=held_through,
              logins_held=1000.0 * logins / max(held['done_all'], 1),
              errors_held=held['errors_all'], rss_mb=max(r['proxy_rss_kb'][1:]) / 1024,
@@ -375,10 +375,10 @@ def make_rows(res):
 def print_report(report):
     """Print the settings, the table and the notes as plain text."""
     s = report['settings']
-    print('gimapproxy performance benchmark (issue 7), %s' % time.strftime('%Y-%m-%d %H:%M'))
+    print('gimapproxy performance benchmark, %s' % time.strftime('%Y-%m-%d %H:%M'))
     print('settings: %d round(s), endpoints alternating; %g s measured (+%g s warmup) per run; '
           '%d CPUs; load generator %s; open-file limit %d; took %.0f s'
-          % (s['rounds'], s['seconds'], s['warmup'], s['cpus'], s['imapbench'], s['nofile'],
+          % (s['rounds'], s['seconds'], s['warmup'], s['cpus'], s['imapload'], s['nofile'],
              s['elapsed_s']))
     print('dovecot %s: comparisons with one imap process per session and %s imap-login '
           'mode; idle and scale with 1000 sessions per imap process'
@@ -425,11 +425,11 @@ def parse_args(argv=None):
 
 
 class Bench:
-    """What the runs need: the options, imapbench, the comparison Dovecot (for its login
+    """What the runs need: the options, imapload, the comparison Dovecot (for its login
     count), and the port and PID (relay, proxy) of each endpoint."""
 
-    def __init__(self, args, imapbench_path, dovecot):
-        self.args, self.imapbench, self.dovecot = args, imapbench_path, dovecot
+    def __init__(self, args, imapload_path, dovecot):
+        self.args, self.imapload, self.dovecot = args, imapload_path, dovecot
         self.ports, self.pids = {'direct': dovecot.port}, {}
 
 
@@ -447,7 +447,7 @@ def log_problems(proxy_logs, dovecots):
     return {name: {'count': len(lines), 'last': lines[-5:]} for name, lines in found.items()}
 
 
-def run_all(args, imapbench_path, relay_path, report):
+def run_all(args, imapload_path, relay_path, report):
     """Start everything, measure every scenario, fill `report`; stop all that was started."""
     users = {'user%d' % i: 'secret%d' % i for i in range(1, USERS + 1)}
     with contextlib.ExitStack() as stack:
@@ -460,7 +460,7 @@ def run_all(args, imapbench_path, relay_path, report):
             stack.callback(dovecot.stop)
             dovecot.start()
         add_bulk_mail(compare)
-        bench = Bench(args, imapbench_path, compare)
+        bench = Bench(args, imapload_path, compare)
         relay, bench.ports['relay'] = start_relay(relay_path, compare.port, workdir)
         stack.callback(stop_process, relay)
         proxy, bench.ports['proxy'], proxy_log = start_proxy(workdir, compare.port,
@@ -471,7 +471,7 @@ def run_all(args, imapbench_path, relay_path, report):
             compare.pid, compare.port, relay.pid, bench.ports['relay'], proxy.pid,
             bench.ports['proxy']))
         # Warm the proxy's cache for 16 concurrent clients; this run is not reported.
-        imapbench(bench, 'cycle', bench.ports['proxy'], SCENARIOS['cycle16'][1] + [
+        imapload(bench, 'cycle', bench.ports['proxy'], SCENARIOS['cycle16'][1] + [
             '--seconds', max(args.seconds, 1), '--warmup', 0, '--timeout', 10])
         report['runs'], report['bursts'] = [], []
         for rnd in range(1, args.rounds + 1):
@@ -506,7 +506,7 @@ def add_notes(report):
     """Append notes on the load generator, the machine and the logs to report['notes']."""
     notes, runs = report['notes'], report['runs']
     share = max(r['loadgen_cpu_s'] / r['wall_s'] for r in runs)
-    notes.append('imapbench used at most %.0f%% of one core in any run (one thread: near '
+    notes.append('imapload used at most %.0f%% of one core in any run (one thread: near '
                  '100%% it would be the bottleneck)' % (100 * share))
     notes.append('the machine was %.0f%% busy during the runs (median, all cores, this '
                  'benchmark included)' % (100 * statistics.median(r['sys_busy'] for r in runs)))
@@ -523,9 +523,13 @@ def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    imapbench_path, relay_path = find_imapbench(), build_tool('relay')
-    if not (imapbench_path and relay_path and dovecot_binary()):
-        log('cannot run: needs gcc (to build imapbench and relay) and Dovecot (dovecot-imapd)')
+    missing = missing_for_benchmark()
+    if missing:
+        log('cannot run: missing %s' % '; '.join(missing))
+        return 2
+    imapload_path, relay_path = find_imapload(), build_tool('relay')
+    if not (imapload_path and relay_path):
+        log('cannot run: the C tools in benchmarks/tools did not build (see above)')
         return 2
     nofile, notes = raise_file_limit(), []
     cap = (nofile - FD_RESERVE) // 2
@@ -538,14 +542,14 @@ def main(argv=None):
     version = subprocess.run([dovecot_binary(), '--version'], capture_output=True, text=True)
     report = {'notes': notes, 'settings': {
         'rounds': args.rounds, 'seconds': args.seconds, 'warmup': args.warmup,
-        'cpus': os.cpu_count(), 'imapbench': imapbench_path, 'relay': relay_path,
+        'cpus': os.cpu_count(), 'imapload': imapload_path, 'relay': relay_path,
         'nofile': nofile, 'dovecot_version': version.stdout.split(' ')[0].strip(),
         'idle_sessions': args.idle_sessions, 'scale_sessions': args.scale_sessions,
         'burst': args.burst, 'proxy_settings': PROXY_SETTINGS,
         'dovecot_login': 'high-performance' if args.fast_login else 'default'}}
     t0 = time.monotonic()
     try:
-        run_all(args, imapbench_path, relay_path, report)
+        run_all(args, imapload_path, relay_path, report)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         log('cannot run: %s' % e)
         return 2

@@ -22,9 +22,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (HOST, Dovecot, find_imapbench,  # noqa: E402
-                               finish_imapbench, fmt, free_port, log, on_signal,
-                               proc_cpu_rss, start_imapbench, start_proxy,
+from benchmarks.common import (HOST, Dovecot, find_imapload,  # noqa: E402
+                               finish_imapload, fmt, free_port, log, on_signal,
+                               proc_cpu_rss, start_imapload, start_proxy,
                                stop_process)
 
 LITERAL_RE = re.compile(rb'\{(\d+)\+?\}\r\n$')
@@ -32,9 +32,9 @@ LITERAL_RE = re.compile(rb'\{(\d+)\+?\}\r\n$')
 
 # --- load generators ---------------------------------------------------------------
 
-def run_imapbench(binary, port, clients, users, seconds, warmup, proxy_pid):
-    """One imapbench cycle run; return its JSON result as a dict."""
-    result = finish_imapbench(start_imapbench(
+def run_imapload(binary, port, clients, users, seconds, warmup, proxy_pid):
+    """One imapload cycle run; return its JSON result as a dict."""
+    result = finish_imapload(start_imapload(
         binary, 'cycle', port, ['--clients', clients, '--users', '1-%d' % users, '--seconds',
                                 seconds, '--warmup', warmup, '--timeout', 10], proxy_pid))
     if proxy_pid:
@@ -92,7 +92,7 @@ def python_client(port, first, step, users, t_measure, t_end):
 
 
 def run_python(port, clients, users, seconds, warmup, proxy_pid):
-    """The fallback load generator: one process per client, results shaped like imapbench's."""
+    """The fallback load generator: one process per client, results shaped like imapload's."""
     t0 = time.time()
     cpu0 = proc_cpu_rss(proxy_pid)[0] if proxy_pid else 0
     args = [(port, k, clients, users, t0 + warmup, t0 + warmup + seconds) for k in range(clients)]
@@ -181,7 +181,7 @@ def print_report(report):
           '%d CPUs' % (report['loadgen'], report['users'], report['rounds'],
                        report['seconds'], report['warmup'], os.cpu_count()))
     if report['loadgen'].startswith('python'):
-        print('NOTE: the built-in Python load generator was used (imapbench not available, '
+        print('NOTE: the built-in Python load generator was used (imapload not available, '
               'or --python-loadgen); it may itself be the bottleneck.')
     if report['rows']:
         print('\n%7s %11s %10s %7s %11s %10s %9s %8s %7s' % (
@@ -250,7 +250,7 @@ def parse_args():
                    help='cycles in the fixed-count login check (default 1000; 0: skip it)')
     p.add_argument('--cache-size', type=int, default=1000, help='proxy cache_size (1000)')
     p.add_argument('--python-loadgen', action='store_true',
-                   help='use the built-in Python load generator even if imapbench is there')
+                   help='use the built-in Python load generator even if imapload is there')
     p.add_argument('--json', action='store_true', help='print one JSON object instead')
     return p.parse_args()
 
@@ -260,9 +260,13 @@ def main():
     args = parse_args()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    binary = None if args.python_loadgen else find_imapbench()
+    from tests.backends import dovecot_binary
+    if not dovecot_binary():
+        log('cannot run: missing Dovecot (apt-get install dovecot-imapd)')
+        return 2
+    binary = None if args.python_loadgen else find_imapload()
     if binary:
-        loadgen, name = functools.partial(run_imapbench, binary), 'imapbench (%s)' % binary
+        loadgen, name = functools.partial(run_imapload, binary), 'imapload (%s)' % binary
     else:
         loadgen, name = run_python, 'python (built-in, one process per client)'
     report = {'loadgen': name, 'users': args.users, 'rounds': args.rounds,

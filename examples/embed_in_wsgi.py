@@ -3,13 +3,17 @@
     python3 examples/embed_in_wsgi.py PROXY_INI HTTP_PORT
 
 A host that already serves HTTP with gevent starts the proxy next to its WSGI app and
-mounts the proxy's /metrics and /stats under /proxy. The host owns the process: it
-monkey-patches first, installs the signal handlers, and stops the proxy on SIGTERM.
+mounts the proxy's views under /proxy: /proxy/metrics (Prometheus), /proxy/stats (JSON),
+and /proxy/admin/cache and /proxy/admin/flush (POST; only from the proxy's
+admin_networks, loopback by default). The host owns the process: it monkey-patches first,
+configures logging (the library never does, so without this its events are not seen),
+installs the signal handlers, and stops the proxy on SIGTERM.
 """
 from gevent import monkey
 
 monkey.patch_all()
 
+import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
@@ -34,7 +38,13 @@ def host_app(proxy_app):
 
 
 def main(ini_path, http_port):
-    proxy = ProxyServer(load_config(ini_path))
+    config = load_config(ini_path)
+    # The proxy logs under the 'gimapproxy' logger, one line per event; here they go to
+    # stderr with the host's own lines, at the configured log_level.
+    logging.basicConfig(format='%(asctime)s %(name)s %(levelname)s %(message)s',
+                        level=logging.INFO)
+    logging.getLogger('gimapproxy').setLevel(config.log_level_number)
+    proxy = ProxyServer(config)
     proxy.start()
     web = WSGIServer(('127.0.0.1', int(http_port)), host_app(make_app(proxy)), log=None)
     web.start()

@@ -62,11 +62,11 @@ def setup_logging(level: int) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the command line; return the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = docopt(__doc__, argv=sys.argv[1:] if argv is None else argv,
-                      version='gimapproxy %s' % __version__)
-    except DocoptExit as exc:
-        print(exc, file=sys.stderr)
+        args = docopt(__doc__, argv=argv, version='gimapproxy %s' % __version__)
+    except DocoptExit:
+        print(usage_error(argv), file=sys.stderr)
         return 2
     except SystemExit as exc:      # --help and --version print and "exit" with None
         return exc.code if isinstance(exc.code, int) else 0
@@ -86,6 +86,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     setup_logging(config.log_level_number)
     return serve(config)
+
+
+def usage_error(argv: list[str]) -> str:
+    """The message for arguments that match no usage line: what is wrong, in words (not
+    docopt's internal report), then the usage lines."""
+    has_config = any(arg == '--config' or arg.startswith(('--config=', '-c')) for arg in argv)
+    wants_config = not argv or argv[0] in ('stats', 'flush') or '--check' in argv
+    if wants_config and not has_config:
+        problem = ('no configuration file: give it with -c FILE, for example '
+                   '-c /etc/gimapproxy.ini')
+    else:
+        problem = 'these arguments match no usage: %s' % ' '.join(argv)
+    usage = __doc__[__doc__.index('Usage:'):__doc__.index('\n\n', __doc__.index('Usage:'))]
+    return 'gimapproxy: %s\n%s' % (problem, usage)
 
 
 def serve(config) -> int:
@@ -111,6 +125,9 @@ def serve(config) -> int:
             log.error('cannot drop privileges: user=%s error=%s', config.proc_username, exc)
             server.stop(0)
             return 1
+    warning = root_warning(config, os.geteuid())
+    if warning:
+        log.warning('%s', warning)
     stopping = Event()
 
     def on_stop(signum: int) -> None:
@@ -186,17 +203,32 @@ def warm_up(config) -> None:
         log.warning('cannot resolve the server yet: host=%s error=%s', host, exc)
 
 
+def root_warning(config, euid: int) -> Optional[str]:
+    """The warning to log when the proxy is about to serve clients as root (`euid` 0 and
+    no proc_username to drop to), else None."""
+    if euid != 0 or config.proc_username:
+        return None
+    return ('running as root: proc_username is not set, so client sessions are served '
+            'with root privileges; set proc_username (for example gimapproxy, a system '
+            'user: useradd --system --no-create-home --shell /usr/sbin/nologin gimapproxy) '
+            'or start the proxy as that user')
+
+
 def drop_privileges(user: str, group: Optional[str]) -> None:
     """Become `user` (and `group`, else the user's group), after the ports are bound.
+    Started as that user already (a service manager's User=), there is nothing to do.
 
     Raises:
-        OSError: not allowed.
+        OSError: not allowed (started as another user that is not root).
         RuntimeError: still root afterwards.
     """
     import grp
     import pwd
     entry = pwd.getpwnam(user)
     gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    if os.geteuid() != 0 and os.geteuid() == entry.pw_uid and os.getegid() == gid:
+        log.info('privileges: already user=%s uid=%d gid=%d', user, os.getuid(), os.getgid())
+        return
     os.setgroups([])
     os.setgid(gid)
     os.setuid(entry.pw_uid)

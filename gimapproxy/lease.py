@@ -41,14 +41,16 @@ FINISH_TIMEOUT = 10.0
 
 class LoginFailed(Exception):
     """No connection for this login. `kind` is 'refused' (the server said no; `response`
-    is its tagged reply), 'unavailable' (no server answered) or 'busy' (every slot is in
-    use). `reason` is for the log."""
+    is its tagged reply, `backend` the connection's id), 'unavailable' (no server
+    answered) or 'busy' (every slot is in use). `reason` is for the log."""
 
-    def __init__(self, kind: str, reason: str, response: Optional[Response] = None) -> None:
+    def __init__(self, kind: str, reason: str, response: Optional[Response] = None,
+                 backend: str = '-') -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
         self.response = response
+        self.backend = backend           # the connection that was refused, for the log
 
 
 class ServerChoice:
@@ -266,8 +268,8 @@ def login(server, session_id: str, key, verifier: bytes, credentials: tuple,
     except LoginRefused as refused:
         cache.unreserve(key)
         conn.close('login refused')
-        raise LoginFailed('refused', 'server refused the login',
-                          refused.response) from None
+        raise LoginFailed('refused', 'server refused the login', refused.response,
+                          conn.id) from None
     except BackendError as exc:
         cache.unreserve(key)
         if conn is not None:

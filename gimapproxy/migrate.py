@@ -52,10 +52,12 @@ _PRIORITIES = {
 _SERVICES = {'imap': 143, 'imap2': 143, 'imaps': 993}
 
 _WHY_NOT_NEEDED = {
-    'connect_retries': 'gimapproxy does not probe the server at start; it connects per '
+    'connect_retries': 'gimapproxy does not wait for the server at start (it checks each '
+                       'server once, only to log whether it answers); it connects per '
                        'login, within connect_timeout, and a login while the server is '
                        'down gets NO [UNAVAILABLE]',
-    'connect_delay': 'gimapproxy does not probe the server at start; it connects per login, '
+    'connect_delay': 'gimapproxy does not wait for the server at start (it checks each '
+                     'server once, only to log whether it answers); it connects per login, '
                      'within connect_timeout',
     'stat_filename': 'replaced by stats_listen (HTTP /metrics for Prometheus and /stats as '
                      'JSON) and `gimapproxy stats -c proxy.ini` (like `pimpstat -c`)',
@@ -223,8 +225,9 @@ def _listen_port(m: _Migration, line: _Line) -> None:
         m.set('listen_port', str(port), line)
 
 
-# The usual soft limit on open files (Debian, and supervisord's minfds default).
-_USUAL_NOFILE = 1024
+# Open files the proxy can have without a word from migrate-config: the proxy raises its
+# soft limit itself, and hard limits are seldom below this.
+_USUAL_NOFILE = 4096
 
 
 def _cache_size(m: _Migration, line: _Line) -> None:
@@ -232,11 +235,15 @@ def _cache_size(m: _Migration, line: _Line) -> None:
     if size is None:
         return
     m.set('cache_size', str(size), line)
-    files = 2 * size + 10
+    # As cli.raise_file_limit: the soft limit goes up to this, as far as the hard limit
+    # allows, and the proxy warns at start when it falls short.
+    files = 2 * size + 1024
     if files > _USUAL_NOFILE:
-        m.warn(line, 'up-imapproxy raised its own open-file limit to 2 x cache_size + 10 '
-               '(%d); gimapproxy does not: start it with that many (supervisord: minfds = '
-               '%d in [supervisord]; systemd: LimitNOFILE=%d)' % (files, files, files))
+        m.note(line, 'gimapproxy raises its own open-file limit towards 2 x cache_size + '
+               '1024 (%d), but only as far as the hard limit allows: give it a hard limit '
+               'that high (supervisord: minfds = %d in [supervisord]; systemd: '
+               'LimitNOFILE=%d); it warns at start when the limit falls short'
+               % (files, files, files))
 
 
 def _cache_expiration_time(m: _Migration, line: _Line) -> None:
@@ -361,9 +368,9 @@ def _enable_admin_commands(m: _Migration, line: _Line) -> None:
 
 def _enable_select_cache(m: _Migration, line: _Line) -> None:
     _on_off(m, line, 'not carried over: gimapproxy never caches SELECT responses, on '
-               'purpose (R37): up-imapproxy\'s cache served stale EXISTS counts and the '
+               'purpose: up-imapproxy\'s cache served stale EXISTS counts and the '
                'wrong mailbox state, and was slower than a real SELECT',
-            'not needed: gimapproxy never caches SELECT responses (R37)')
+            'not needed: gimapproxy never caches SELECT responses')
 
 
 def _send_tcp_keepalives(m: _Migration, line: _Line) -> None:
@@ -475,8 +482,11 @@ def _whole_file(m: _Migration) -> None:
     if 'cache_expiration_time' not in m.lines:
         m.note(None, 'cache_expiration_time is not set: up-imapproxy then kept no '
                'connection past its next sweep; gimapproxy keeps them 300 s')
-    m.note(None, 'up-imapproxy always sent [XPROXYREUSE] on a reused login; gimapproxy '
-           'does with send_reuse_code = yes (Horde uses it to skip its login-time setup)')
+    # up-imapproxy had no switch for it: clients of a migrated setup (Horde) expect it.
+    m.settings['send_reuse_code'] = ('yes', None)
+    m.note(None, 'send_reuse_code = yes is written: up-imapproxy always sent [XPROXYREUSE] '
+           'on a reused login (and XIMAPPROXY before login), and Horde uses it to skip its '
+           'login-time setup; gimapproxy sends them only with this key')
     server_tls = m.settings.get('server_tls', ('off', None))[0]
     if server_tls != 'off' and 'tls_verify_server' not in m.settings:
         line = m.settings['server_tls'][1]

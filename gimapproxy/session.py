@@ -378,8 +378,8 @@ class ClientSession:
         if failed.kind == 'refused':
             response = failed.response
             code = b'[' + response.code + b'] ' if response.code else b''
-            log.info('login failed: id=%s user=%s reason=%s status=%s code=%s peer=%s',
-                     self.id, printable(user), failed.reason, printable(response.status),
+            log.info('login failed: id=%s user=%s backend=%s status=%s code=%s peer=%s',
+                     self.id, printable(user), failed.backend, printable(response.status),
                      printable(response.code), self.peer)
             # The server's own text could tell the client more than it should.
             self.send(tag + b' ' + response.status + b' ' + code + _REFUSAL_TEXT + b'\r\n')

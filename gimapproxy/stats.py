@@ -2,17 +2,14 @@
 
 The hot paths only add to a plain dict (`Stats.counters`); the Prometheus text is made by
 prometheus_client at scrape time from a collector that reads those numbers, so a proxy
-whose stats nobody reads pays nothing more.
+whose stats nobody reads pays nothing more. prometheus_client itself is imported only when
+metrics are served: by `Stats.registry()`, on the first scrape of /metrics.
 """
 from __future__ import annotations
 
 import bisect
 import collections
 import time
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
 
 from .backend import State
 
@@ -43,8 +40,7 @@ class Stats:
         self._latency = {result: [0] * (len(LATENCY_BUCKETS) + 1)
                          for result in ('new', 'reused', 'failed')}
         self._latency_sum = collections.Counter()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
+        self._registry = None
 
     # -- recording (cheap) -------------------------------------------------------------
 
@@ -85,8 +81,20 @@ class Stats:
                               'server_to_client': counters['bytes_out']},
         }
 
+    def registry(self):
+        """Return the prometheus_client CollectorRegistry that holds this collector, made
+        (and prometheus_client imported) on first use."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self)
+            self._registry = registry
+        return self._registry
+
     def collect(self):
         """prometheus_client's collector protocol: yield the metric families."""
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
         snap = self.snapshot()
         counters = self.counters
         yield GaugeMetricFamily('gimapproxy_client_connections',

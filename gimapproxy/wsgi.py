@@ -5,7 +5,8 @@
 
 GET /metrics (Prometheus text format), GET /stats (JSON), and, from `admin_networks`
 only: GET /admin/cache (cached connections per user, no secrets), POST /admin/flush
-(all) and POST /admin/flush?user=NAME (one user). Nothing admin-related is reachable on
+(all) and POST /admin/flush?user=NAME (one user). Another method on one of these paths
+gets 405 with an Allow header; any other path 404. Nothing admin-related is reachable on
 the IMAP port.
 """
 from __future__ import annotations
@@ -14,11 +15,12 @@ import json
 import logging
 from urllib.parse import parse_qs
 
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
 from .forward import is_trusted
 
 __all__ = ['make_app']
+
+# The methods each path answers; another method gets 405 with an Allow header.
+_METHODS = {'/metrics': 'GET', '/stats': 'GET', '/admin/cache': 'GET', '/admin/flush': 'POST'}
 
 log = logging.getLogger('gimapproxy.admin')
 
@@ -26,19 +28,21 @@ log = logging.getLogger('gimapproxy.admin')
 def make_app(server):
     """Return a WSGI application serving `server`'s metrics, stats and admin views."""
 
-    def respond(start_response, status, body, content_type='application/json'):
+    def respond(start_response, status, body, content_type='application/json', headers=()):
         if not isinstance(body, bytes):
             body = (json.dumps(body, indent=1, sort_keys=True) + '\n').encode()
         start_response(status, [('Content-Type', content_type),
-                                ('Content-Length', str(len(body)))])
+                                ('Content-Length', str(len(body))), *headers])
         return [body]
 
     def app(environ, start_response):
         path = environ.get('PATH_INFO', '')
         method = environ.get('REQUEST_METHOD', 'GET')
         if path == '/metrics' and method == 'GET':
-            return respond(start_response, '200 OK', generate_latest(server.metrics.registry),
-                           CONTENT_TYPE_LATEST)
+            # prometheus_client is loaded on the first scrape, not with the package.
+            from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+            text = generate_latest(server.metrics.registry())
+            return respond(start_response, '200 OK', text, CONTENT_TYPE_LATEST)
         if path == '/stats' and method == 'GET':
             return respond(start_response, '200 OK', server.stats())
         if path.startswith('/admin/'):
@@ -54,6 +58,10 @@ def make_app(server):
                 log.info('admin flush: peer=%s user=%s flushed=%d', peer,
                          user if user is not None else '*', count)
                 return respond(start_response, '200 OK', {'flushed': count})
+        if path in _METHODS:
+            return respond(start_response, '405 Method Not Allowed',
+                           {'error': 'method not allowed', 'allow': _METHODS[path]},
+                           headers=[('Allow', _METHODS[path])])
         return respond(start_response, '404 Not Found', {'error': 'not found'})
 
     return app

@@ -1,12 +1,16 @@
 """bin/gimapproxy as a real process: arguments, exit codes, signals."""
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
+from gimapproxy import cli, make_config
 from tests.conftest import REPO
 from tests.backends import free_port
 from tests.wire import Client
@@ -28,8 +32,108 @@ def test_version_and_help():
     assert result.returncode == 2 and 'Usage:' in result.stderr
 
 
+def shipped_ini(tmp_path):
+    """etc/proxy.ini, or where the system user it runs as (gimapproxy) does not exist
+    here, a copy that runs as nobody."""
+    shipped = os.path.join(REPO, 'etc', 'proxy.ini')
+    try:
+        pwd.getpwnam('gimapproxy')
+        return shipped
+    except KeyError:
+        copy = tmp_path / 'shipped.ini'
+        copy.write_text(open(shipped).read().replace('proc_username = gimapproxy',
+                                                     'proc_username = nobody'))
+        return str(copy)
+
+
+def test_check_without_config_says_what_is_missing():
+    for args in (['--check'], [], ['stats'], ['flush', 'bob']):
+        result = run(*args)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith('gimapproxy: no configuration file: give it with '
+                                        '-c FILE'), (args, result.stderr)
+        assert 'Usage:' in result.stderr and 'Warning' not in result.stderr, result.stderr
+        assert 'unmatched' not in result.stderr and result.stdout == ''
+    result = run('--bogus', '-c', 'x.ini')
+    assert result.stderr.startswith('gimapproxy: these arguments match no usage: --bogus')
+
+
+def test_root_warning_only_as_root_without_proc_username():
+    as_root = make_config({'server_hostname': 'imap.example'})
+    dropping = make_config({'server_hostname': 'imap.example', 'proc_username': 'nobody'})
+    assert 'running as root' in cli.root_warning(as_root, 0)
+    assert 'useradd --system' in cli.root_warning(as_root, 0)
+    assert cli.root_warning(as_root, 1000) is None
+    assert cli.root_warning(dropping, 0) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='the warning is about running as root, and '
+                    'this test is not root')
+def test_daemon_warns_when_it_serves_as_root(tmp_path, dovecot):
+    for settings, warned in (({}, True), ({'proc_username': 'nobody'}, False)):
+        process, port = start_daemon(tmp_path, dovecot.port, **settings)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        log = process.stderr.read()
+        assert ('WARNING running as root: proc_username is not set' in log) == warned, log
+        assert ('privileges dropped: user=nobody' in log) == (not warned), log
+
+
+def as_nobody():
+    """preexec_fn: become nobody, as a service manager's User= would start the proxy."""
+    entry = pwd.getpwnam('nobody')
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='needs root to start the proxy as nobody')
+def test_started_as_proc_username_already(tmp_path, pymap):
+    """systemd's User=gimapproxy with proc_username = gimapproxy: nothing to drop."""
+    try:
+        probe = subprocess.run([sys.executable, '-c', 'import gevent, docopt, gimapproxy.cli'],
+                               cwd=REPO, preexec_fn=as_nobody, capture_output=True,
+                               timeout=60)
+        problem = probe.stderr.decode()[-200:] if probe.returncode else None
+    except OSError as exc:               # cannot even start the Python of this checkout
+        problem = str(exc)
+    if problem:
+        pytest.skip('nobody cannot read this checkout or its Python: %s' % problem)
+    port = free_port()
+    # pytest's tmp_path is root's alone: the file goes where nobody can read it.
+    folder = tempfile.mkdtemp(prefix='gimapproxy-nobody-')
+    os.chmod(folder, 0o755)
+    ini = os.path.join(folder, 'proxy.ini')
+    with open(ini, 'w') as handle:
+        handle.write('[gimapproxy]\nlisten_port = %d\nserver_hostname = 127.0.0.1\n'
+                     'server_port = %d\nproc_username = nobody\n' % (port, pymap.port))
+    os.chmod(ini, 0o644)
+    process = subprocess.Popen([sys.executable, BIN, '-c', ini], cwd=REPO,
+                               preexec_fn=as_nobody, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with Client(port) as client:
+                    assert client.login('demouser', 'demopass').startswith(b'L1 OK')
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        shutil.rmtree(folder)
+    log = process.stderr.read()
+    assert 'privileges: already user=nobody uid=65534' in log, log
+    assert 'running as root' not in log and 'cannot drop privileges' not in log
+
+
 def test_check_good_and_bad_config(tmp_path):
-    result = run('-c', os.path.join(REPO, 'etc', 'proxy.ini'), '--check')
+    result = run('-c', shipped_ini(tmp_path), '--check')
     assert result.returncode == 0, result.stderr
     bad = tmp_path / 'bad.ini'
     bad.write_text('[gimapproxy]\nserver_hostname = x\ncache_size = lots\n')
@@ -122,3 +226,37 @@ def test_import_patches_nothing_and_loads_no_socket_code():
                             text=True, cwd=REPO, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split('\n')[:2] == ['', 'False']
+
+
+PROMETHEUS_PROBE = """
+from gevent import monkey
+monkey.patch_all()
+import sys, urllib.request
+import gevent
+from gimapproxy import ProxyServer, make_config
+settings = {'listen_port': '0', 'server_hostname': '127.0.0.1', 'server_port': '%d'}
+if %r:
+    settings['stats_listen'] = '127.0.0.1:%d'
+server = ProxyServer(make_config(settings))
+server.start()
+gevent.sleep(0.2)
+print('started', 'prometheus_client' in sys.modules)
+if %r:
+    urllib.request.urlopen('http://127.0.0.1:%d/metrics', timeout=10).read()
+    print('scraped', 'prometheus_client' in sys.modules)
+server.stop(1)
+"""
+
+
+@pytest.mark.parametrize('stats_listen', [False, True])
+def test_prometheus_client_is_imported_only_when_metrics_are_served(pymap, stats_listen):
+    stats_port = free_port()
+    code = PROMETHEUS_PROBE % (pymap.port, stats_listen, stats_port, stats_listen,
+                               stats_port)
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # Started, even with stats_listen on, it has not been needed yet; the first scrape
+    # of /metrics loads it.
+    expected = ['started False'] + (['scraped True'] if stats_listen else [])
+    assert result.stdout.split('\n')[:-1] == expected, result.stdout + result.stderr

@@ -1,5 +1,6 @@
 """Configuration: defaults, and errors that name the file, the key and the problem."""
 import os
+import pwd
 import re
 
 import pytest
@@ -27,8 +28,31 @@ def test_minimal_file_gets_defaults(tmp_path):
     assert config.log_level == 'info'
 
 
-def test_shipped_file_is_valid_and_documents_every_default():
-    config = load_config(SHIPPED)
+def load_shipped(tmp_path):
+    """Load etc/proxy.ini. It runs as the system user gimapproxy, which a test machine may
+    lack: then the load must fail on that key alone, and the same file with nobody (who
+    exists everywhere) is loaded instead."""
+    text = open(SHIPPED).read()
+    assert re.search(r'^proc_username = gimapproxy$', text, re.M)
+    try:
+        pwd.getpwnam('gimapproxy')
+        return load_config(SHIPPED)
+    except KeyError:
+        pass
+    with pytest.raises(ConfigError) as error:
+        load_config(SHIPPED)
+    assert str(error.value) == ("%s: [gimapproxy] proc_username: no such user 'gimapproxy'"
+                                % SHIPPED)
+    return load_config(write(tmp_path, text.replace('proc_username = gimapproxy',
+                                                    'proc_username = nobody')))
+
+
+def test_shipped_file_runs_unprivileged(tmp_path):
+    assert load_shipped(tmp_path).proc_username in ('gimapproxy', 'nobody')
+
+
+def test_shipped_file_is_valid_and_documents_every_default(tmp_path):
+    config = load_shipped(tmp_path)
     text = open(SHIPPED).read()
     for key in KEYS:
         if key.default is None:
@@ -38,7 +62,8 @@ def test_shipped_file_is_valid_and_documents_every_default():
             documented = r'^#%s =%s$' % (key.name, ' ' + re.escape(key.default)
                                          if key.default else '')
             assert re.search(documented, text, re.M), key.name
-            assert getattr(config, key.name) == key.parse(key.default)
+            if key.name != 'proc_username':       # set: see load_shipped
+                assert getattr(config, key.name) == key.parse(key.default)
 
 
 @pytest.mark.parametrize('body, key, problem', [

@@ -1,6 +1,7 @@
 """gimapproxy.migrate: up-imapproxy's imapproxy.conf to proxy.ini, and migrate-config."""
 import os
 import random
+import resource
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import gimapproxy.migrate as migrate_module
 from gimapproxy.config import KEYS, ConfigError, load_config
 from gimapproxy.migrate import UP_IMAPPROXY_OPTIONS, migrate
+from tests.backends import free_port
 from tests.conftest import REPO
 
 SOURCE = '/etc/imapproxy.conf'
@@ -174,13 +176,15 @@ def test_debian_config(tmp_path):
     assert settings(ini) == {
         'server_hostname': 'localhost', 'listen_port': '1143', 'server_port': '143',
         'cache_size': '3072', 'cache_expiration_time': '300', 'proc_username': 'nobody',
-        'proc_groupname': 'nogroup'}
+        'proc_groupname': 'nogroup', 'send_reuse_code': 'yes'}
     config = load(tmp_path, ini)
     assert (config.server_hostname, config.server_port, config.listen_port) == \
         ('localhost', 143, 1143)
     assert (config.cache_size, config.cache_expiration_time) == (3072, 300)
     assert (config.proc_username, config.proc_groupname) == ('nobody', 'nogroup')
     assert config.server_tls == 'off' and config.log_level == 'info'
+    # up-imapproxy always sent [XPROXYREUSE]; a migrated Horde setup relies on it.
+    assert config.send_reuse_code is True
     # Each option that does not carry over has its message, naming file and line.
     for keyword in ('connect_retries', 'connect_delay', 'stat_filename',
                     'protocol_log_filename', 'syslog_facility', 'send_tcp_keepalives',
@@ -189,11 +193,13 @@ def test_debian_config(tmp_path):
         found = about(messages, keyword)
         assert len(found) == 1, (keyword, messages)
         assert found[0].startswith('%s:%d: note: ' % (SOURCE, line_of(keyword))), found
-    # up-imapproxy raised its descriptor limit for cache_size 3072; gimapproxy does not.
+    # The open-file limit the proxy raises itself, as far as the hard limit allows
+    # (cli.raise_file_limit: 2 x cache_size + 1024).
     assert about(messages, 'cache_size') == [
-        '%s:%d: warning: cache_size: up-imapproxy raised its own open-file limit to 2 x '
-        'cache_size + 10 (6154); gimapproxy does not: start it with that many (supervisord: '
-        'minfds = 6154 in [supervisord]; systemd: LimitNOFILE=6154)'
+        '%s:%d: note: cache_size: gimapproxy raises its own open-file limit towards 2 x '
+        'cache_size + 1024 (7168), but only as far as the hard limit allows: give it a hard '
+        'limit that high (supervisord: minfds = 7168 in [supervisord]; systemd: '
+        'LimitNOFILE=7168); it warns at start when the limit falls short'
         % (SOURCE, line_of('cache_size'))]
     # listen_address is commented out: up-imapproxy listened on all addresses.
     assert [m for m in messages if m.startswith(SOURCE + ': warning: listen_address is '
@@ -242,7 +248,7 @@ def test_mapping(tmp_path, conf, expected):
     text = 'server_hostname imap.example.org\nserver_port 143\n' + conf + '\n'
     ini, messages = migrate(text, SOURCE)
     got = settings(ini)
-    for key in ('server_hostname', 'server_port'):
+    for key in ('server_hostname', 'server_port', 'send_reuse_code'):
         if key not in expected:
             del got[key]
     assert got == expected, messages
@@ -285,7 +291,7 @@ def test_tls_ca_path_is_reported():
 def test_server_port_993_means_implicit_tls(tmp_path):
     ini, messages = migrate('server_hostname imap.example.org\nserver_port 993\n', SOURCE)
     assert settings(ini) == {'server_hostname': 'imap.example.org', 'server_port': '993',
-                             'server_tls': 'implicit'}
+                             'server_tls': 'implicit', 'send_reuse_code': 'yes'}
     config = load(tmp_path, ini)
     assert (config.server_port, config.server_tls, config.tls_verify_server) == \
         (993, 'implicit', True)
@@ -323,7 +329,8 @@ def test_unknown_keywords_are_each_reported(tmp_path):
     text = ('server_hostname h\nthis_is_not_an_option 42\ncache_sise 10\n'
             'listen_port 1143\nmax_connections_per_user 5\n')
     ini, messages = migrate(text, SOURCE)
-    assert settings(ini) == {'server_hostname': 'h', 'listen_port': '1143'}
+    assert settings(ini) == {'server_hostname': 'h', 'listen_port': '1143',
+                             'send_reuse_code': 'yes'}
     unknown = [m for m in messages if 'unknown option' in m]
     assert [m.split(': unknown')[0] for m in unknown] == [
         '%s:2: warning: this_is_not_an_option' % SOURCE,
@@ -384,7 +391,8 @@ def test_syntax_comments_case_tabs_and_repeats(tmp_path):
             '# listen_port 1\n'
             '\n')
     ini, messages = migrate(text, SOURCE)
-    assert settings(ini) == {'server_hostname': 'imap.example.org', 'cache_size': '20'}
+    assert settings(ini) == {'server_hostname': 'imap.example.org', 'cache_size': '20',
+                             'send_reuse_code': 'yes'}
     assert about(messages, 'cache_size') == [
         '%s:3: warning: cache_size: given again (first on line 2); the last one counts, as '
         'in up-imapproxy' % SOURCE]
@@ -395,7 +403,7 @@ def test_syntax_comments_case_tabs_and_repeats(tmp_path):
 
 def test_empty_file_still_loads(tmp_path):
     ini, messages = migrate('', SOURCE)
-    assert settings(ini) == {'server_hostname': '127.0.0.1'}
+    assert settings(ini) == {'server_hostname': '127.0.0.1', 'send_reuse_code': 'yes'}
     assert any('server_hostname is not set' in m for m in messages)
     assert any('server_port is not set' in m for m in messages)
     assert load(tmp_path, ini).server_hostname == '127.0.0.1'
@@ -404,8 +412,8 @@ def test_empty_file_still_loads(tmp_path):
 @pytest.mark.parametrize('conf, words', [
     ('enable_admin_commands yes', ['warning', 'stats_listen', 'IMAP port']),
     ('enable_admin_commands no', ['note', 'stats_listen']),
-    ('enable_select_cache yes', ['warning', 'R37']),
-    ('enable_select_cache no', ['note', 'R37']),
+    ('enable_select_cache yes', ['warning', 'on purpose', 'stale EXISTS']),
+    ('enable_select_cache no', ['note', 'never caches SELECT']),
     ('send_tcp_keepalives yes', ['warning', 'SO_KEEPALIVE']),
     ('connect_retries 10', ['note', 'connect_timeout']),
     ('connect_delay 5', ['note', 'connect_timeout']),
@@ -433,8 +441,9 @@ def test_options_that_do_not_carry_over(tmp_path, conf, words):
     assert found[0].startswith('%s:2: %s: %s: ' % (SOURCE, words[0], keyword)), found
     for word in words[1:]:
         assert word in found[0], (word, found)
-    # Nothing but the server is set, secrets are not repeated, and the file loads.
-    assert set(settings(ini)) == {'server_hostname'}
+    # Nothing but the server (and send_reuse_code, always) is set, secrets are not
+    # repeated, and the file loads.
+    assert set(settings(ini)) == {'server_hostname', 'send_reuse_code'}
     assert 'hunter2' not in ini + ''.join(messages)
     assert 's3cret' not in ini + ''.join(messages)
     load(tmp_path, ini)
@@ -486,7 +495,7 @@ def test_keys_missing_from_this_gimapproxy_are_written_commented_out(tmp_path, m
     monkeypatch.setattr(migrate_module, '_KEYS', keys)
     ini, messages = migrate('server_hostname h\nproc_username nobody\n'
                             'proc_groupname nogroup\n', SOURCE)
-    assert settings(ini) == {'server_hostname': 'h'}
+    assert settings(ini) == {'server_hostname': 'h', 'send_reuse_code': 'yes'}
     assert '\n#proc_username = nobody\n' in ini and '\n#proc_groupname = nogroup\n' in ini
     assert about(messages, 'proc_username') == [
         '%s:2: warning: proc_username: written commented out: this version of gimapproxy '
@@ -518,3 +527,41 @@ def test_migrate_config_command(tmp_path):
                             capture_output=True, text=True, timeout=30, env=env)
     assert result.returncode == 1 and 'missing.conf' in result.stderr
     assert result.stdout == ''
+
+
+def test_send_reuse_code_is_written_whatever_the_file(tmp_path):
+    """up-imapproxy always sent [XPROXYREUSE]: every migration turns it on, and says so."""
+    for conf in ('', 'server_hostname imap.example.org\n', DEBIAN_CONF):
+        ini, messages = migrate(conf, SOURCE)
+        assert settings(ini)['send_reuse_code'] == 'yes'
+        assert load(tmp_path, ini).send_reuse_code is True
+        assert [m for m in messages if 'send_reuse_code = yes is written' in m], messages
+
+
+def test_the_open_file_note_matches_what_the_proxy_does(tmp_path):
+    """The number migrate-config gives is the one the proxy aims for at start: under a
+    lower hard limit the proxy warns with the same number."""
+    _, messages = migrate('server_hostname x\ncache_size 2000\n', SOURCE)
+    assert '(5024)' in about(messages, 'cache_size')[0]
+    _, messages = migrate('server_hostname x\ncache_size 1000\n', SOURCE)
+    assert about(messages, 'cache_size') == []          # 3024: no need to say anything
+    ini = tmp_path / 'proxy.ini'
+    ini.write_text('[gimapproxy]\nserver_hostname = 127.0.0.1\nlisten_port = %d\n'
+                   'cache_size = 2000\n' % free_port())
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    proxy = subprocess.Popen([sys.executable, os.path.join(REPO, 'bin', 'gimapproxy'), '-c',
+                              str(ini)], stderr=subprocess.PIPE, text=True,
+                             preexec_fn=low_limit)
+    lines = []
+    try:
+        for line in proxy.stderr:               # the warning comes before listening
+            lines.append(line)
+            if ' listening: ' in line:
+                break
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=15)
+    assert [line for line in lines if 'WARNING open file limit 4096 is below the 5024 that '
+            'cache_size 2000 may need' in line], lines

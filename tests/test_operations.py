@@ -90,6 +90,27 @@ def test_admin_list_and_flush(stats_proxy, tmp_path):
     assert stats_proxy.counters['login_new'] == 2          # the flush forced a new login
 
 
+def test_wrong_method_is_405_unknown_path_404(stats_proxy):
+    port = stats_proxy.stats_port
+    for path, method, allow in (('/admin/flush', 'GET', 'POST'),
+                                ('/admin/flush?user=demouser', 'GET', 'POST'),
+                                ('/admin/cache', 'POST', 'GET'), ('/stats', 'POST', 'GET'),
+                                ('/metrics', 'DELETE', 'GET')):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            http(port, path, method)
+        assert (info.value.code, info.value.headers['Allow']) == (405, allow), path
+        assert json.loads(info.value.read())['error'] == 'method not allowed'
+    for path in ('/admin/nothing', '/', '/metrics/x'):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            http(port, path)
+        assert info.value.code == 404, path
+    # A GET did not flush anything.
+    login_logout(stats_proxy)
+    with pytest.raises(urllib.error.HTTPError):
+        http(port, '/admin/flush', 'GET')
+    assert stats_proxy.cache.cached_count == 1
+
+
 def test_admin_refused_outside_admin_networks(pymap):
     port = free_port()
     proxy = start_proxy(pymap, stats_listen='127.0.0.1:%d' % port,
@@ -220,11 +241,20 @@ def test_embedding_example(tmp_path, pymap):
         stats = json.loads(http(http_port, '/proxy/stats')[2])
         assert stats['logins']['new'] == 1
         assert b'gimapproxy_logins_total' in http(http_port, '/proxy/metrics')[2]
+        listing = json.loads(http(http_port, '/proxy/admin/cache')[2])
+        assert listing[0]['user'] == 'demouser'
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
         if process.poll() is None:
             process.kill()
+    # The host configured logging: the proxy's events are in its output, no password.
+    log = process.stderr.read()
+    assert re.search(r' gimapproxy[.\w]* INFO login: id=c\d+ user=demouser .*result=new',
+                     log), log
+    assert 'demopass' not in log and 'Traceback' not in log
+    doc = open(os.path.join(REPO, 'examples', 'embed_in_wsgi.py')).read().split('"""')[1]
+    assert '/proxy/admin/cache' in doc and '/proxy/admin/flush' in doc
 
 
 def test_backend_counters_add_up_at_every_moment(dovecot):

@@ -37,7 +37,8 @@ def shipped_program() -> dict:
 
 def test_shipped_settings():
     program = shipped_program()
-    assert program['command'].split()[:2] == ['gimapproxy', '-c']
+    # The venv of README.md's deployment section.
+    assert program['command'].split()[:2] == ['/opt/gimapproxy/bin/gimapproxy', '-c']
     assert program['stopsignal'] == 'TERM'
     assert program['redirect_stderr'] == 'true'
     assert program['autorestart'] == 'true'
