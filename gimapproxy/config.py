@@ -196,7 +196,7 @@ KEYS = (
         'server\'s autologout (Dovecot: 30 minutes).'),
     Key('max_auth_age', _seconds(0, 86400), '900',
         'Seconds after the server last checked a user\'s password during which a cached '
-        'connection may still be handed out; reuse does not extend it (R21). A password '
+        'connection may still be handed out; reuse does not extend it. A password '
         'changed on the server stops working through the proxy after this long.'),
     Key('max_connections_per_user', _integer(1, 10000), '10',
         'Most backend connections of one user, active plus cached. Keep it at or below '
@@ -259,7 +259,7 @@ KEYS = (
     Key('cache_per_client_ip', _boolean, 'no',
         'Reuse a cached connection only for the same client address; needed when the '
         'server applies per-IP policy (Dovecot allow_nets).'),
-    # Limits (R46, R47).
+    # Limits.
     Key('max_clients', _integer(1, 1000000), '5000',
         'Most client connections at once; past it new clients get BYE and are closed.'),
     Key('preauth_timeout', _seconds(1, 3600), '60',

@@ -139,7 +139,7 @@ def greenlet_errors():
 
 @pytest.fixture(autouse=True)
 def proxy_log(request):
-    """Every test's proxy log, at debug level; no test may leak a password into it (R51)."""
+    """Every test's proxy log, at debug level; no test may leak a password into it."""
     watch = SecretWatch()
     logger = logging.getLogger('gimapproxy')
     old_level = logger.level

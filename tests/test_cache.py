@@ -56,7 +56,7 @@ def test_checkout_needs_key_and_verifier(clock):
     assert cache.checkout(('', b'alice'), cache.verifier(b'wrong')) is None
     assert cache.checkout(('', b'Alice'), cache.verifier(b'pw')) is None   # exact octets
     assert cache.checkout(('x', b'alice'), cache.verifier(b'pw')) is None  # authzid counts
-    # The wrong password left the entry alone (R19).
+    # The wrong password left the entry alone.
     assert cache.checkout(('', b'alice'), cache.verifier(b'pw')) is entry
     assert cache.checkout(('', b'alice'), cache.verifier(b'pw')) is None   # one user only
     assert cache.total == 1
@@ -180,7 +180,7 @@ def test_new_password_retires_the_old_ones(clock):
     cache.reserve('k')
     entry, retired = cache.add('k', cache.verifier(b'new'), FakeConn('c'))
     assert retired == [cached]                    # the caller closes it
-    assert cache.release(active) is False         # not cached again (R20)
+    assert cache.release(active) is False         # not cached again
     assert cache.release(entry) is True
     assert cache.total == 1
 

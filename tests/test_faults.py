@@ -150,7 +150,7 @@ SECRET = 'S3cret-Pass!'
 
 
 def test_secrets_never_logged_on_any_login_error(proxy_log):
-    """R51: force an error at each login step; the password and its base64 forms must
+    """Force an error at each login step; the password and its base64 forms must
     not reach the log (the proxy logs at debug level here)."""
     import base64
     plain = base64.b64encode(b'\0someone\0' + SECRET.encode()).decode()

@@ -1,4 +1,4 @@
-"""The proxy's own ID for the server (R41, R42): pure functions."""
+"""The proxy's own ID for the server: pure functions."""
 import ipaddress
 
 from gimapproxy.forward import id_fields, is_trusted, originating_ip
@@ -28,7 +28,7 @@ def test_untrusted_client_cannot_forge_its_address():
 def test_trusted_client_passes_the_browsers_address():
     client = [(b'x-originating-ip', b'192.0.2.7'), (b'x-originating-port', b'5555')]
     fields = id_fields(client, ('192.168.1.7', 40000), ('10.0.0.1', 1143), 'abc', True)
-    assert fields[:2] == client                      # the client's fields first (R41)
+    assert fields[:2] == client                      # the client's fields first
     assert dict(fields)[b'x-connected-ip'] == b'10.0.0.1'
     assert [key for key, _ in fields].count(b'x-originating-ip') == 1
     assert originating_ip(client, '192.168.1.7', True) == '192.0.2.7'

@@ -228,7 +228,7 @@ def test_wrong_password(iso, round_):
     with session(proxy, user, password) as client:
         assert_fresh(client, backend)
         client.logout()
-    assert backend.logins() == before, 'a wrong password must not evict (R19)'
+    assert backend.logins() == before, 'a wrong password must not evict'
 
 
 @pytest.fixture(scope='module')
@@ -256,7 +256,7 @@ def test_password_change_on_the_server(dovecot, special_proxy, proxy_log, round_
         dovecot.server.set_password(user, 'changed13')
         with session(proxy, user, 'changed13') as client:   # a new server login...
             client.logout()
-        # ...which closed the connection made with the old password (R20), in the
+        # ...which closed the connection made with the old password, in the
         # background.
         with gevent.Timeout(5):
             while not any('reason=password changed' in line for line in proxy_log.lines):
@@ -277,7 +277,7 @@ def test_max_auth_age(dovecot, special_proxy, round_):
         with session(proxy, user, password) as client:
             client.logout()
     assert dovecot.wait_logins(before + 1) == before + 1
-    gevent.sleep(1.1)                  # reuse did not extend it (R21)
+    gevent.sleep(1.1)                  # reuse did not extend it
     with session(proxy, user, password) as client:
         client.logout()
     assert dovecot.wait_logins(before + 2) == before + 2

@@ -1,4 +1,4 @@
-"""Limits before and after login (R46, R47), with real sockets."""
+"""Limits before and after login, with real sockets."""
 import time
 
 import gevent

@@ -22,7 +22,7 @@ def test_greeting_and_prelogin_capability(proxy):
         assert client.greeting.startswith(b'* OK [CAPABILITY IMAP4rev1 ')
         caps = client.greeting.split(b']')[0].split()[3:]
         assert b'AUTH=PLAIN' in caps and b'AUTH=LOGIN' in caps and b'SASL-IR' in caps
-        assert not (b'LITERAL+' in caps and b'LITERAL-' in caps)           # R38
+        assert not (b'LITERAL+' in caps and b'LITERAL-' in caps)           # RFC 7888 section 5
         lines, tagged = client.command(b'a', b'CAPABILITY')
         assert lines == [b'* CAPABILITY ' + b' '.join(caps) + b'\r\n']
         assert tagged == b'a OK Capability completed.\r\n'
@@ -34,7 +34,7 @@ def test_login_select_fetch_logout(backend, proxy):
         tagged = client.login(user, password)
         assert tagged.startswith(b'L1 OK [CAPABILITY IMAP4rev1 ')
         caps = tagged.split(b']')[0].split()[3:]
-        # R39/R40: the post-login list, filtered.
+        # The post-login list, filtered.
         assert not [cap for cap in caps if cap.upper().startswith((b'AUTH=', b'COMPRESS'))]
         assert not {b'STARTTLS', b'SASL-IR', b'LOGINDISABLED'} & {c.upper() for c in caps}
         if backend.name == 'dovecot':
@@ -76,7 +76,7 @@ def test_wrong_password_gets_the_servers_no_and_keeps_the_cache(backend, proxy):
         assert tagged == b'L1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n'
         # Still not logged in: the session goes on in the not-authenticated state.
         assert client.command(b'b', b'SELECT INBOX')[1].startswith(b'b BAD')
-        assert client.login(user, password, b'c').startswith(b'c OK')    # reuse (R19)
+        assert client.login(user, password, b'c').startswith(b'c OK')    # reuse
         client.logout()
     gevent.sleep(0.3)
     assert backend.logins() == before

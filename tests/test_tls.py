@@ -215,7 +215,7 @@ def test_client_address_reaches_the_server(rip_dovecot, proxies, proxy_log):
     session = re.search(r'session=<([^>]*)>', line).group(1)
     ours = [entry for entry in proxy_log.lines if entry.startswith('login: ')][-1]
     assert 'peer=127.0.0.3:' in ours and 'session=' in ours
-    assert re.search('session=(\\w+)', ours).group(1) in session   # R44: one id, both logs
+    assert re.search('session=(\\w+)', ours).group(1) in session   # one id, both logs
 
 
 @pytest.mark.parametrize('trusted', [False, True])
