@@ -125,6 +125,7 @@ class Lease:
         connection, which goes back to the cache unless `unclean` says why not."""
         old, self.entry = self.entry, entry
         if unclean is not None:
+            self.server.metrics.not_reusable(unclean)
             self.server.cache.discard(old)
             old.conn.close('not reusable after switch: %s' % unclean)
         else:

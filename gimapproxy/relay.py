@@ -134,7 +134,7 @@ class Relay:
         """Answer a command the proxy may answer itself, or forward it."""
         if held.kind == 'compress':
             # Compression cannot be spliced into a cached connection (RFC 4978 section 3).
-            self.tracker.commands += 1
+            self.tracker.refused(held)
             self.send_local(held.tag + b' NO Compression is not available.\r\n')
             return None
         if held.kind == 'enable' and self.take_enabled(held):

@@ -196,6 +196,10 @@ class Tracker:
         self.record(held.tag, held.name, held.data)
         return held.data
 
+    def refused(self, held: Held) -> None:
+        """The relay refused a Held command itself; nothing was sent."""
+        self.commands += 1
+
     def answered(self, profile: frozenset, enabled) -> None:
         """The relay answered a Held ENABLE itself with a connection of `profile`."""
         self.commands += 1
