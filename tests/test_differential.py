@@ -60,7 +60,7 @@ def proxy(server):
     proxy.stop(2)
 
 
-# -- the generator -------------------------------------------------------------------------
+# -- the generator ---------------------------------------------------------------------
 
 @dataclass
 class Part:
@@ -194,11 +194,11 @@ def describe(script) -> str:
         data = b''.join(p.data + b'<wait +>' if isinstance(p, Part) and p.wait else
                         (p.data if isinstance(p, Part) else p) for p in pieces)
         out.append(repr(data) + (' (then its reply)' if wait else ''))
-    return '\n'.join(out) + '\nthen: %s%s' % (ending, ' at byte %d' % cut if ending == 'cut'
-                                              else '')
+    end = ending + (' at byte %d' % cut if ending == 'cut' else '')
+    return '\n'.join(out) + '\nthen: ' + end
 
 
-# -- running one example -------------------------------------------------------------------
+# -- running one example ---------------------------------------------------------------
 
 def run_first_session(port, user, password, script) -> None:
     """Play `script` as a client of the proxy (its answers are not compared)."""
