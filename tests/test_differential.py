@@ -12,7 +12,8 @@ Each example runs that session through the proxy, waits until the proxy has kept
 dropped the server connection, then runs the fixed probe (tests/transcript.py) as the
 same user's next session through the proxy, and again directly against Dovecot as a fresh
 login. The two transcripts must be equal. The log says whether the probe's session
-reused the connection; the counts are printed at the end.
+reused the connection; the counts are printed at the end. A known smuggle (PLANTED) is
+always the first example, so that every run shows the comparison can fail.
 
 In CI: FUZZ_EXAMPLES examples (derandomized, so every run tries the same ones) within
 FUZZ_SECONDS. Longer runs: GIMAPPROXY_FUZZ_EXAMPLES=2000 GIMAPPROXY_FUZZ_SECONDS=3600
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, reject, seed, settings
+from hypothesis import HealthCheck, Phase, example, given, reject, seed, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Backend, start_proxy
@@ -187,6 +188,14 @@ def sessions(draw):
     return items, ending, cut
 
 
+# Always tried first: ENABLE QRESYNC hidden from a proxy that counts `~{n+}` outside
+# APPEND as a literal (Dovecot does not) and does not count a literal size written with
+# 11 digits (Dovecot does). Today's main hands the connection on with QRESYNC on.
+PLANTED = ([([b'x1 LIST "" ~{19+}\r\nx2 ENABLE QRESYNC\r\n'
+              b'x3 LIST "" {00000000009+}\r\nx2 NOOP\r\nx3 NOOP\r\n'], b'x3', True)],
+           'logout', 0)
+
+
 def describe(script) -> str:
     items, ending, cut = script
     out = []
@@ -314,13 +323,14 @@ def test_next_session_equals_a_fresh_login(server, proxy, proxy_log, request):
 
     @_settings
     @given(script=sessions())
-    def example(script):
+    @example(script=PLANTED)
+    def one(script):
         if time.monotonic() - started > FUZZ_SECONDS:
             reject()                           # out of time: the rest are skipped
         check_example(server, proxy, proxy_log, user, password, script, tally)
 
     try:
-        example()
+        one()
     finally:
         summary = '%s; %.1fs; seed %s' % (tally.line(), time.monotonic() - started,
                                           FUZZ_SEED or 'derandomized')
