@@ -334,9 +334,10 @@ def test_next_session_equals_a_fresh_login(server, proxy, proxy_log, request):
     finally:
         summary = '%s; %.1fs; seed %s' % (tally.line(), time.monotonic() - started,
                                           FUZZ_SEED or 'derandomized')
-        print(summary)
         if terminal is not None:
             terminal.write_line('\n' + summary)
+        else:
+            print(summary)
     assert 'pw-fz' not in '\n'.join(proxy_log.lines), 'a password reached the log'
     assert not tally.failures, '\n\n'.join(tally.failures)
     assert tally.examples >= min(FUZZ_EXAMPLES, 10), tally.line()
