@@ -90,13 +90,29 @@ def both(server, proxy, user, password, steps, warm=False):
     return direct, proxied
 
 
-def assert_next_session_fresh(server, proxy, user, password):
+def assert_next_session_fresh(server, proxy, user, password, log):
     """The user's next session through the proxy answers the probe as a fresh direct
     login does."""
     wait_settled(proxy, user)
     through = probe(proxy.server_port, user, password)
     fresh = probe(server.port, user, password)
-    assert_same(through, fresh, "the next session's probe")
+    logins = ', '.join(login_results(log.lines, user))
+    assert_same(through, fresh, "the next session's probe (the proxy's logins of %s: %s)"
+                % (user, logins))
+
+
+def test_control_a_plain_session_is_reused_and_the_probe_agrees(server, proxy, account,
+                                                                proxy_log):
+    """The comparison itself: after a plain webmail session the connection is reused,
+    and the probe through it equals a fresh login's."""
+    user, password = account
+    steps = [(b'x1 SELECT INBOX\r\nx2 FETCH 1:3 (FLAGS)\r\n', [b'x1', b'x2']),
+             (b'x3 STORE 2 +FLAGS (\\Seen)\r\nx4 STORE 2 -FLAGS (\\Seen)\r\n',
+              [b'x3', b'x4'])]
+    direct, proxied = both(server, proxy, user, password, steps)
+    assert_same(proxied, direct, 'session 1')
+    assert_next_session_fresh(server, proxy, user, password, proxy_log)
+    assert login_results(proxy_log.lines, user) == ['new', 'reused']
 
 
 # -- 1. literal sizes as Dovecot reads them ---------------------------------------------
@@ -148,7 +164,7 @@ def test_literal_mismatch_leaves_nothing_behind(server, proxy, account, proxy_lo
     assert any(reply.startswith(proof) for reply in direct), direct
     assert_same(proxied, direct, 'session 1')
     assert login_results(proxy_log.lines, user) == ['new']
-    assert_next_session_fresh(server, proxy, user, password)
+    assert_next_session_fresh(server, proxy, user, password, proxy_log)
 
 
 # -- 2. a tag reused while in flight ----------------------------------------------------
@@ -157,7 +173,8 @@ def test_literal_mismatch_leaves_nothing_behind(server, proxy, account, proxy_lo
                                   b'a NOOP\r\na ENABLE CONDSTORE\r\n'])
 def test_reused_tag_is_answered_and_not_reused(server, proxy, account, proxy_log, data):
     user, password = account
-    direct, proxied = both(server, proxy, user, password, [(data + b'b NOOP\r\n', [b'b'])])
+    steps = [(data + b'b NOOP\r\n', [b'b'])]
+    direct, proxied = both(server, proxy, user, password, steps)
     assert len([line for line in direct if line.startswith(b'a ')]) == 2
     # Every reply reaches the client, and the session goes on to its LOGOUT.
     assert_same(proxied, direct, 'session 1')
@@ -165,7 +182,7 @@ def test_reused_tag_is_answered_and_not_reused(server, proxy, account, proxy_log
     first = [line for line in proxy_log.lines if 'user=%s ' % user in line
              and line.startswith('login:')][0]
     backend = re.search(r'backend=(\S+)', first).group(1)
-    assert_next_session_fresh(server, proxy, user, password)
+    assert_next_session_fresh(server, proxy, user, password, proxy_log)
     # Not handed to the next session, and the log says why.
     assert login_results(proxy_log.lines, user) == ['new', 'new']
     why = [line for line in proxy_log.lines if re.search(r'\b%s\b' % backend, line)
@@ -189,7 +206,7 @@ def test_implicit_condstore_is_not_inherited(server, proxy, account, proxy_log, 
     # RFC 7162 section 3.1: Dovecot did turn CONDSTORE on.
     assert any(b'MODSEQ' in line for line in direct), direct
     assert_same(proxied, direct, 'session 1')
-    assert_next_session_fresh(server, proxy, user, password)
+    assert_next_session_fresh(server, proxy, user, password, proxy_log)
 
 
 # -- 4. deep nesting before login -------------------------------------------------------
@@ -226,7 +243,8 @@ def test_deep_nesting_before_login(server, proxy, account, proxy_log, data):
 
 # -- 5. a late DONE after IDLE ----------------------------------------------------------
 
-def test_stray_done_after_idle_is_answered_as_dovecot_does(server, proxy, account):
+def test_stray_done_after_idle_is_answered_as_dovecot_does(server, proxy, account,
+                                                           proxy_log):
     user, password = account
 
     def script(port):
@@ -246,7 +264,7 @@ def test_stray_done_after_idle_is_answered_as_dovecot_does(server, proxy, accoun
     proxied = script(proxy.server_port)
     assert not [line for line in proxied[:-2] if line.startswith(b'* BYE')], proxied
     assert_same(proxied, direct, 'session')
-    assert_next_session_fresh(server, proxy, user, password)
+    assert_next_session_fresh(server, proxy, user, password, proxy_log)
 
 
 # -- 6. a tag Dovecot refuses -----------------------------------------------------------
@@ -270,7 +288,7 @@ def test_refused_tag_does_not_hang_and_is_not_reused(server, proxy, account, pro
     assert_same(proxied, direct, 'session 1')
     assert took < 2.5, 'LOGOUT took %.1fs' % took
     wait_settled(proxy, user)
-    assert_next_session_fresh(server, proxy, user, password)
+    assert_next_session_fresh(server, proxy, user, password, proxy_log)
     assert login_results(proxy_log.lines, user) == ['new', 'new'], \
         'a connection that saw an untagged BAD must not be reused'
 
@@ -403,8 +421,8 @@ def _connect(tls, host, address):
 
 def test_tls_session_is_offered_only_to_its_server_and_name(two_tls_servers, pki):
     first, second = two_tls_servers
-    tls = BackendTLS(make_config({'server_hostname': 'localhost', 'server_tls': 'implicit',
-                                  'tls_ca_file': pki.ca_file}))
+    tls = BackendTLS(make_config({'server_hostname': 'localhost',
+                                  'server_tls': 'implicit', 'tls_ca_file': pki.ca_file}))
     offers = tls.context = _Offers(tls.context)
     a = ('127.0.0.1', first.tls_port)
     b = ('127.0.0.2', second.tls_port)

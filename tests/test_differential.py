@@ -12,7 +12,8 @@ Each example runs that session through the proxy, waits until the proxy has kept
 dropped the server connection, then runs the fixed probe (tests/transcript.py) as the
 same user's next session through the proxy, and again directly against Dovecot as a fresh
 login. The two transcripts must be equal. The log says whether the probe's session
-reused the connection; the counts are printed at the end.
+reused the connection; the counts are printed at the end. A known smuggle (PLANTED) is
+always the first example, so that every run shows the comparison can fail.
 
 In CI: FUZZ_EXAMPLES examples (derandomized, so every run tries the same ones) within
 FUZZ_SECONDS. Longer runs: GIMAPPROXY_FUZZ_EXAMPLES=2000 GIMAPPROXY_FUZZ_SECONDS=3600
@@ -25,9 +26,10 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, reject, seed, settings
+from hypothesis import HealthCheck, Phase, example, given, reject, seed, settings
 from hypothesis import strategies as st
 
+from tests.backends import require_dovecot
 from tests.conftest import Backend, start_proxy
 from tests.transcript import (Session, busy, closes_of, diff, login_results, probe,
                               start_dovecot, wait_settled)
@@ -44,7 +46,6 @@ CONTINUATION_WAIT = 0.5     # for "+" after a synchronizing literal's announceme
 
 @pytest.fixture(scope='module')
 def server():
-    from tests.backends import require_dovecot
     require_dovecot()
     dovecot = start_dovecot('fz', 2)
     try:
@@ -60,7 +61,7 @@ def proxy(server):
     proxy.stop(2)
 
 
-# -- the generator -------------------------------------------------------------------------
+# -- the generator ---------------------------------------------------------------------
 
 @dataclass
 class Part:
@@ -103,43 +104,50 @@ FORMS = ['atom', 'quoted', 'sync', 'nonsync', 'literal8', 'literal8-sync', 'zero
 # Commands: bytes, with ('slot', value) where an argument may take any form. None of
 # them changes what the probe reads back (no \Deleted, no EXPUNGE, no flag on message 1).
 S = 'slot'
-COMMANDS = [
+# What webmail sends: a connection left by these alone is clean, and should be reused.
+PLAIN_COMMANDS = [
     [b'NOOP'], [b'CAPABILITY'], [b'CHECK'], [b'ID NIL'], [b'NAMESPACE'],
     [b'SELECT ', (S, b'INBOX')], [b'EXAMINE ', (S, b'INBOX')],
-    [b'SELECT ', (S, b'INBOX'), b' (CONDSTORE)'],
-    [b'EXAMINE ', (S, b'INBOX'), b' ( CONDSTORE)'],
-    [b'SELECT ', (S, b'nosuchbox')],
-    [b'UNSELECT'], [b'CLOSE'],
-    [b'STATUS ', (S, b'INBOX'), b' (MESSAGES HIGHESTMODSEQ)'],
+    [b'SELECT ', (S, b'nosuchbox')], [b'UNSELECT'], [b'CLOSE'],
     [b'STATUS ', (S, b'INBOX'), b' (MESSAGES UIDNEXT)'],
-    [b'ENABLE ', (S, b'CONDSTORE')], [b'ENABLE QRESYNC'], [b'ENABLE UTF8=ACCEPT'],
-    [b'ENABLE CONDSTORE QRESYNC'],
-    [b'NOTIFY NONE'], [b'NOTIFY SET (selected (MessageNew MessageExpunge))'],
-    [b'FETCH 1:3 (FLAGS)'], [b'FETCH 1 (MODSEQ)'], [b'FETCH 1:* (FLAGS) (CHANGEDSINCE 1)'],
-    [b'UID FETCH 1:3 (FLAGS)'], [b'FETCH 2 BODY.PEEK[HEADER]'],
-    [b'SEARCH CHARSET ', (S, b'UTF-8'), b' MODSEQ 1'], [b'SEARCH SUBJECT ', (S, b'test')],
-    [b'SEARCH ALL'],
+    [b'FETCH 1:3 (FLAGS)'], [b'UID FETCH 1:3 (FLAGS)'], [b'FETCH 2 BODY.PEEK[HEADER]'],
+    [b'SEARCH SUBJECT ', (S, b'test')], [b'SEARCH ALL'],
     [b'STORE 2 +FLAGS (\\Seen)'], [b'STORE 2 -FLAGS (\\Seen)'],
     [b'LIST "" ', (S, b'*')],
     [b'APPEND ', (S, b'INBOX'), b' ', (S, b'Subject: fuzz\r\n\r\nfuzz\r\n')],
 ]
+# State a fresh login does not have: ENABLE, NOTIFY, CONDSTORE turned on by a command.
+STATEFUL_COMMANDS = [
+    [b'SELECT ', (S, b'INBOX'), b' (CONDSTORE)'],
+    [b'EXAMINE ', (S, b'INBOX'), b' ( CONDSTORE)'],
+    [b'STATUS ', (S, b'INBOX'), b' (MESSAGES HIGHESTMODSEQ)'],
+    [b'ENABLE ', (S, b'CONDSTORE')], [b'ENABLE QRESYNC'], [b'ENABLE UTF8=ACCEPT'],
+    [b'ENABLE CONDSTORE QRESYNC'],
+    [b'NOTIFY NONE'], [b'NOTIFY SET (selected (MessageNew MessageExpunge))'],
+    [b'FETCH 1 (MODSEQ)'], [b'FETCH 1:* (FLAGS) (CHANGEDSINCE 1)'],
+    [b'SEARCH CHARSET ', (S, b'UTF-8'), b' MODSEQ 1'],
+]
+# None of the commands changes what the probe reads back (no \Deleted, no EXPUNGE, no
+# flag on message 1).
+COMMANDS = PLAIN_COMMANDS + STATEFUL_COMMANDS
 STRAYS = [b'DONE\r\n', b'+\r\n', b'\r\n', b'garbage\r\n', b')\r\n', b'* NOOP\r\n',
           b'+ OK\r\n']
 BAD_TAGS = [b'a]', b'\xc3\xa9', b'+', b'*', b'(', b'a{']
 
 
 @st.composite
-def commands(draw, tag):
-    """One command with `tag`: a list of Parts and bytes."""
+def commands(draw, tag, plain):
+    """One command with `tag`: a list of Parts and bytes. With `plain`, one webmail
+    could send, its arguments written the usual way."""
     if draw(st.integers(0, 11)) == 0:
         return [Part(tag + b' IDLE\r\n', wait=True, tag=tag), b'DONE\r\n']
-    template = draw(st.sampled_from(COMMANDS))
+    template = draw(st.sampled_from(PLAIN_COMMANDS if plain else COMMANDS))
     pieces = [tag + b' ']
     for piece in template:
         if isinstance(piece, tuple):
-            # Mostly a plain form, so that sessions are often clean enough to keep.
+            # Plain sessions write arguments the usual way; the others half the time.
             value = piece[1]
-            if draw(st.integers(0, 3)) > 0:
+            if plain or draw(st.booleans()):
                 form = 'nonsync' if b'\n' in value else 'atom'
             else:
                 form = draw(st.sampled_from(FORMS))
@@ -155,27 +163,40 @@ def commands(draw, tag):
 
 @st.composite
 def sessions(draw):
-    """A first session: (items, ending). Each item is (pieces, tag, wait for its reply);
-    the ending is 'logout', 'leave' (after the last item) or 'cut' (in the middle of the
-    bytes of the last item, at a drawn point)."""
+    """A first session: (items, ending, cut). Each item is (pieces, tag, whether to
+    wait for its reply); the ending is 'logout', 'leave' (after the last item) or 'cut'
+    (after `cut` bytes of the last item). Two in five are plain webmail sessions, so
+    that the next session often gets the connection back; in the others one line in
+    twenty is a stray line, one has a tag Dovecot refuses, one reuses an earlier tag."""
+    plain = draw(st.integers(0, 4)) < 2
     items = []
     for number in range(draw(st.integers(1, 6))):
-        kind = draw(st.integers(0, 19))
-        if kind < 1:
+        kind = 'command' if plain else draw(st.sampled_from(
+            ['stray', 'bad tag', 'reused tag'] + ['command'] * 17))
+        if kind == 'stray':
             items.append(([draw(st.sampled_from(STRAYS))], None, False))
             continue
-        if kind == 2:
+        earlier = [item[1] for item in items if item[1]]
+        if kind == 'bad tag':
             tag = draw(st.sampled_from(BAD_TAGS))
-        elif kind == 3 and items:
-            tag = draw(st.sampled_from([item[1] for item in items if item[1]] or [b'a']))
+        elif kind == 'reused tag' and earlier:
+            tag = draw(st.sampled_from(earlier))
         else:
             tag = b't%d' % number
         # Waiting for the reply of a tag Dovecot refuses would only time out.
         wait = tag not in BAD_TAGS and draw(st.booleans())
-        items.append((draw(commands(tag)), tag, wait))
+        items.append((draw(commands(tag, plain)), tag, wait))
     ending = draw(st.sampled_from(['logout', 'logout', 'leave', 'cut']))
     cut = draw(st.integers(0, 200))
     return items, ending, cut
+
+
+# Always tried first: ENABLE QRESYNC hidden from a proxy that counts `~{n+}` outside
+# APPEND as a literal (Dovecot does not) and does not count a literal size written with
+# 11 digits (Dovecot does). Today's main hands the connection on with QRESYNC on.
+PLANTED = ([([b'x1 LIST "" ~{19+}\r\nx2 ENABLE QRESYNC\r\n'
+              b'x3 LIST "" {00000000009+}\r\nx2 NOOP\r\nx3 NOOP\r\n'], b'x3', True)],
+           'logout', 0)
 
 
 def describe(script) -> str:
@@ -185,11 +206,11 @@ def describe(script) -> str:
         data = b''.join(p.data + b'<wait +>' if isinstance(p, Part) and p.wait else
                         (p.data if isinstance(p, Part) else p) for p in pieces)
         out.append(repr(data) + (' (then its reply)' if wait else ''))
-    return '\n'.join(out) + '\nthen: %s%s' % (ending, ' at byte %d' % cut if ending == 'cut'
-                                              else '')
+    end = ending + (' at byte %d' % cut if ending == 'cut' else '')
+    return '\n'.join(out) + '\nthen: ' + end
 
 
-# -- running one example -------------------------------------------------------------------
+# -- running one example ---------------------------------------------------------------
 
 def run_first_session(port, user, password, script) -> None:
     """Play `script` as a client of the proxy (its answers are not compared)."""
@@ -226,7 +247,7 @@ def _wait_continuation(s: Session, tag: bytes) -> None:
         try:
             s.client.sock.settimeout(max(0.01, deadline - time.monotonic()))
             line = s.client.readline()
-        except Exception:
+        except (OSError, EOFError):
             return
         if line.startswith(b'+') or line.startswith(tag + b' '):
             return
@@ -285,6 +306,8 @@ def check_example(server, proxy, log, user, password, script, tally) -> None:
         tally.failures.append(message)
         if not KEEP_GOING:
             raise AssertionError(message)
+        # The connection that differed must not spoil the examples that follow.
+        proxy.flush(user.encode())
 
 
 def _settings(function):
@@ -305,19 +328,21 @@ def test_next_session_equals_a_fresh_login(server, proxy, proxy_log, request):
 
     @_settings
     @given(script=sessions())
-    def example(script):
+    @example(script=PLANTED)
+    def one(script):
         if time.monotonic() - started > FUZZ_SECONDS:
             reject()                           # out of time: the rest are skipped
         check_example(server, proxy, proxy_log, user, password, script, tally)
 
     try:
-        example()
+        one()
     finally:
         summary = '%s; %.1fs; seed %s' % (tally.line(), time.monotonic() - started,
                                           FUZZ_SEED or 'derandomized')
-        print(summary)
         if terminal is not None:
             terminal.write_line('\n' + summary)
+        else:
+            print(summary)
     assert 'pw-fz' not in '\n'.join(proxy_log.lines), 'a password reached the log'
     assert not tally.failures, '\n\n'.join(tally.failures)
     assert tally.examples >= min(FUZZ_EXAMPLES, 10), tally.line()

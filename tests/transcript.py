@@ -63,7 +63,8 @@ def start_dovecot(prefix: str, count: int) -> Dovecot:
     """A Dovecot of its own for one test module: users <prefix>1..<prefix><count>, each
     with password pw-<prefix><n> and MESSAGES messages. The caller stops it."""
     users = {'%s%d' % (prefix, i): 'pw-%s%d' % (prefix, i) for i in range(1, count + 1)}
-    return Dovecot(users=users, messages=MESSAGES, extra_conf=NO_AUTH_PENALTY_CONF).start()
+    return Dovecot(users=users, messages=MESSAGES,
+                   extra_conf=NO_AUTH_PENALTY_CONF).start()
 
 
 class Session:
