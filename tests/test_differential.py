@@ -34,8 +34,8 @@ from tests.conftest import Backend, start_proxy
 from tests.transcript import (Session, busy, closes_of, diff, login_results, probe,
                               start_dovecot, wait_settled)
 
-FUZZ_EXAMPLES = int(os.environ.get('GIMAPPROXY_FUZZ_EXAMPLES', '40'))
-FUZZ_SECONDS = float(os.environ.get('GIMAPPROXY_FUZZ_SECONDS', '50'))
+FUZZ_EXAMPLES = int(os.environ.get('GIMAPPROXY_FUZZ_EXAMPLES', '150'))
+FUZZ_SECONDS = float(os.environ.get('GIMAPPROXY_FUZZ_SECONDS', '60'))
 FUZZ_SEED = os.environ.get('GIMAPPROXY_FUZZ_SEED')
 # Record every differing example and go on, failing at the end with all of them (to
 # survey a build), instead of stopping at the first.
