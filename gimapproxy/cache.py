@@ -98,6 +98,9 @@ class ConnectionCache:
         # recently used one, which both expiry and eviction take first.
         self._idle: dict[Entry, None] = {}
         self._slots = 0
+        # Set (and replaced) whenever a slot may have become free: a connection cached
+        # (it can be evicted), closed, or a login given up. Busy logins wait on it.
+        self._freed = Event()
         self.on_dead: Callable[[Entry], None] = lambda entry: entry.conn.close('dead')
 
     # -- counting ----------------------------------------------------------------------
@@ -178,9 +181,9 @@ class ConnectionCache:
         # can be evicted; what cannot be freed is the active ones and logins in progress.
         own = [entry for entry in self._idle if entry.key == key]
         if self.user_count(key) - len(own) >= self.per_user:
-            raise CacheFull('the user has %d connections in use' % self.per_user)
+            raise CacheFull('user limit: %d connections in use' % self.per_user)
         if self._slots - len(self._idle) >= self.size:
-            raise CacheFull('all %d backend connections are in use' % self.size)
+            raise CacheFull('cache full: %d connections in use' % self.size)
         victims = []
         while self.user_count(key) >= self.per_user:
             victims.append(self._evict(own.pop(0)))
@@ -194,6 +197,16 @@ class ConnectionCache:
         """Give back a slot taken by `reserve` whose connection never came to be."""
         self._slots -= 1
         self._unpend(key)
+        self._free()
+
+    def wait_freed(self, timeout: float) -> None:
+        """Wait, at most `timeout` seconds, until a slot may have become free (then try
+        `checkout` and `reserve` again)."""
+        self._freed.wait(timeout)
+
+    def _free(self) -> None:
+        freed, self._freed = self._freed, Event()
+        freed.set()
 
     def add(self, key: Hashable, verifier: bytes, conn) -> tuple[Entry, list[Entry]]:
         """Register a freshly logged-in connection in a reserved slot; it is active.
@@ -232,6 +245,7 @@ class ConnectionCache:
         self._watch(entry)
         entry.lock.release()
         self._returned(entry)
+        self._free()
         return True
 
     def discard(self, entry: Entry) -> None:
@@ -245,6 +259,7 @@ class ConnectionCache:
             if not siblings:
                 del self._entries[entry.key]
             self._slots -= 1
+            self._free()
 
     # -- administration ------------------------------------------------------------------
 

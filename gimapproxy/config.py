@@ -275,6 +275,10 @@ KEYS = (
     Key('login_timeout', _seconds(0.1, 600), '30',
         'Seconds the server may take to answer a login (Dovecot delays failed logins by '
         'up to 15 s).'),
+    Key('busy_timeout', _seconds(0, 600), '5',
+        'Seconds a login waits for a server connection when the user '
+        '(max_connections_per_user) or the proxy (cache_size) has none free: one being '
+        'reset or closed frees a place. Past it the login gets NO [UNAVAILABLE].'),
     Key('reset_timeout', _seconds(0.1, 600), '10',
         'Seconds the server may take to reset a connection for reuse; past it the '
         'connection is closed.'),
@@ -343,6 +347,7 @@ class ProxyConfig:
     max_literal_size: int
     login_timeout: float
     reset_timeout: float
+    busy_timeout: float
     write_timeout: float
     stats_listen: Optional[tuple]
     admin_networks: tuple

@@ -107,14 +107,31 @@ class Lease:
         profile: a cached one whose password verifier matches, or a new login with
         `credentials` (authzid, user, password), sending `id_fields` first if given.
 
+        When the user (max_connections_per_user) or the proxy (cache_size) has no place
+        free, it waits up to busy_timeout for one: a connection being reset or closed,
+        or another login given up, frees one; a session that left without LOGOUT is
+        still being finished, say, as the server still counts its session too.
+
         Raises:
-            LoginFailed: refused, unavailable or busy.
+            LoginFailed: refused, unavailable, or busy after busy_timeout.
         """
-        entry = checkout(server, key, verifier, frozenset())
-        if entry is not None:
-            return cls(server, session_id, entry, 'reused')
-        return cls(server, session_id, login(server, session_id, key, verifier,
-                                             credentials, id_fields), 'new')
+        deadline = None
+        while True:
+            entry = checkout(server, key, verifier, frozenset())
+            if entry is not None:
+                return cls(server, session_id, entry, 'reused')
+            try:
+                return cls(server, session_id, login(server, session_id, key, verifier,
+                                                     credentials, id_fields), 'new')
+            except LoginFailed as failed:
+                if failed.kind != 'busy':
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + server.config.busy_timeout
+                if now >= deadline:
+                    failed.reason += ' (waited %gs)' % server.config.busy_timeout
+                    raise
+                server.cache.wait_freed(deadline - now)
 
     def checkout(self, profile: frozenset) -> Optional[Entry]:
         """A cached connection of this lease's identity and password with `profile`."""

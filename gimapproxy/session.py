@@ -352,6 +352,7 @@ class ClientSession:
         except LoginFailed as failed:
             self.server.count('login_failed')
             self.server.metrics.observe_login('failed', time.monotonic() - started)
+            self.server.metrics.login_failed(failed.kind, failed.reason)
             self.refuse_login(tag, user, failed)
             return False
         self.user = user

@@ -37,6 +37,7 @@ class Stats:
         self.counters: collections.Counter = collections.Counter()
         self.closed: collections.Counter = collections.Counter()    # by reason class
         self.unclean: collections.Counter = collections.Counter()   # not cached, by reason
+        self.refusals: collections.Counter = collections.Counter()  # failed logins, by why
         self._latency = {result: [0] * (len(LATENCY_BUCKETS) + 1)
                          for result in ('new', 'reused', 'failed')}
         self._latency_sum = collections.Counter()
@@ -50,6 +51,12 @@ class Stats:
 
     def backend_closed(self, reason: str) -> None:
         self.closed[reason_class(reason)] += 1
+
+    def login_failed(self, kind: str, reason: str) -> None:
+        """A login that failed: `kind` and `reason` as in gimapproxy.lease.LoginFailed."""
+        self.refusals[{'refused': 'refused by the server',
+                       'unavailable': 'server unavailable'}.get(kind)
+                      or reason_class(reason)] += 1
 
     def not_reusable(self, reason: str) -> None:
         """A connection closed instead of cached, for the tracker's `reason`."""
@@ -70,7 +77,8 @@ class Stats:
             'uptime_seconds': round(time.time() - self.started, 1),
             'clients': {'current': len(self.server.pool), 'total': counters['clients']},
             'logins': {'new': counters['login_new'], 'reused': counters['login_reused'],
-                       'failed': counters['login_failed']},
+                       'failed': counters['login_failed'],
+                       'failed_by_reason': dict(self.refusals)},
             'cache_hit_ratio': round(counters['login_reused'] / logins, 4) if logins else 0.0,
             'backend_connections': dict(
                 {state.value: 0 for state in State if state is not State.CLOSED},
@@ -123,6 +131,11 @@ class Stats:
         for reason, count in sorted(self.closed.items()):
             closed.add_metric([reason], count)
         yield closed
+        refusals = CounterMetricFamily('gimapproxy_login_failures',
+                                       'Failed logins, by why.', labels=['reason'])
+        for reason, count in sorted(self.refusals.items()):
+            refusals.add_metric([reason], count)
+        yield refusals
         unclean = CounterMetricFamily('gimapproxy_backend_not_reusable',
                                       'Server connections closed instead of cached, by why '
                                       'they were not clean.', labels=['reason'])

@@ -285,7 +285,7 @@ def test_max_auth_age(dovecot, special_proxy, round_):
 
 @ROUNDS
 def test_per_user_cap(dovecot, special_proxy, proxy_log, round_):
-    proxy = special_proxy(max_connections_per_user=2)
+    proxy = special_proxy(max_connections_per_user=2, busy_timeout=0.3)
     user, password = dovecot.users[14]
     with session(proxy, user, password) as client:
         client.command(b'a', b'ENABLE QRESYNC')

@@ -60,7 +60,7 @@ def test_metrics_in_prometheus_format(stats_proxy):
 def test_stats_json_and_the_stats_command(stats_proxy, tmp_path):
     login_logout(stats_proxy)
     stats = json.loads(http(stats_proxy.stats_port, '/stats')[2])
-    assert stats['logins'] == {'new': 1, 'reused': 0, 'failed': 0}
+    assert stats['logins'] == {'new': 1, 'reused': 0, 'failed': 0, 'failed_by_reason': {}}
     assert stats['backend_connections']['cached'] == 1
     assert 'demopass' not in json.dumps(stats)
     ini = tmp_path / 'proxy.ini'

@@ -282,7 +282,7 @@ def test_expiry_closes_idle_connections(backend, make_proxy):
 
 
 def test_cache_size_is_enforced(dovecot):
-    proxy = start_proxy(dovecot, cache_size=1)
+    proxy = start_proxy(dovecot, cache_size=1, busy_timeout=0.3)
     try:
         (user1, pw1), (user2, pw2) = dovecot.users[:2]
         with connect(proxy) as client:
