@@ -269,7 +269,7 @@ class BackendConnection:
         self.send(tag + b' ' + text + b'\r\n')
         return self._read_tagged(tag)
 
-    def start_reset(self, timeout: float) -> list:
+    def start_reset(self, timeout: float, condstore: bool = False) -> list:
         """Start bringing the session back to "logged in, nothing selected" for the next
         client: send the reset commands and return what `finish_reset` needs to read
         their replies. The caller may do other work between the two (answer its client).
@@ -280,7 +280,9 @@ class BackendConnection:
         exist, since a failed SELECT or EXAMINE leaves nothing selected (RFC 3501 section
         6.3.1); never CLOSE on a read-write mailbox, which expunges. Ends with a NOOP read
         to its tagged OK, so nothing of the previous session is left unread. The commands
-        go in one write: one round trip.
+        go in one write: one round trip. With `condstore`, ENABLE CONDSTORE comes between
+        (RFC 5161: ENABLE only in the authenticated state), for a session that turned
+        it on without ENABLE (RFC 7162 section 3.1), so that it is on for certain.
 
         Raises:
             BackendUnavailable: the send failed or took longer than `timeout`.
@@ -289,7 +291,10 @@ class BackendConnection:
             deselect = b'UNSELECT'
         else:
             deselect = b'EXAMINE "gimapproxy-reset-' + self._tag_prefix + b'-no-such-mailbox"'
-        sent = [(self._next_tag(), command) for command in (deselect, b'NOOP')]
+        commands = [deselect, b'NOOP']
+        if condstore:
+            commands.insert(1, b'ENABLE CONDSTORE')
+        sent = [(self._next_tag(), command) for command in commands]
         self.send(b''.join(tag + b' ' + command + b'\r\n' for tag, command in sent), timeout)
         return sent
 
@@ -303,9 +308,10 @@ class BackendConnection:
             replies = {command: self._read_tagged(tag)[0].status for tag, command in sent}
             if replies[b'NOOP'] != b'OK':
                 raise BackendError('NOOP answered %s' % printable(replies[b'NOOP']))
-            for command in replies:
-                if command != b'NOOP':
-                    self._check_deselect(command, replies[command])
+            if replies.get(b'ENABLE CONDSTORE', b'OK') != b'OK':
+                raise BackendError('ENABLE CONDSTORE answered %s'
+                                   % printable(replies[b'ENABLE CONDSTORE']))
+            self._check_deselect(sent[0][1], replies[sent[0][1]])
 
     def _check_deselect(self, command: bytes, status: bytes) -> None:
         if command == b'UNSELECT':

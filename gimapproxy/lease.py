@@ -27,7 +27,7 @@ from .backend import (BackendConnection, BackendDesync, BackendError, BackendUna
 from .cache import CacheFull, Entry
 from .logfmt import printable
 from .protocol import LiteralData, ProtocolError, Response, parse_response
-from .tracker import Tracker
+from .tracker import CONDSTORE, Tracker
 
 __all__ = ['Lease', 'LoginFailed', 'ServerChoice']
 
@@ -172,10 +172,14 @@ class Lease:
             _call(farewell)
             return
         conn.profile, conn.enabled = tracker.profile, tracker.enabled
+        if tracker.condstore:
+            # Turned on without ENABLE (or so it seemed): the reset makes sure of it.
+            conn.profile = conn.profile | CONDSTORE
+            conn.enabled = conn.enabled + [b'CONDSTORE']
         conn.state = State.RESETTING
         timeout = self.server.config.reset_timeout
         try:
-            sent = conn.start_reset(timeout)
+            sent = conn.start_reset(timeout, tracker.condstore)
             if farewell is not None:
                 self.server.cache.returning(entry)
                 farewell()

@@ -4,9 +4,10 @@ The session's greenlet reads the client and forwards its commands; a second gree
 the pump, streams the server's responses back. Neither reads IMAP itself: the client's
 bytes go through the command tracker (gimapproxy.tracker), which frames them as the
 server does and says what each is, and the pump hands it the first line of every server
-response. The relay answers three commands itself: LOGOUT, when the connection is clean
-(once every earlier command has its reply), COMPRESS (refused), and a first ENABLE that
-a cached connection of that profile can serve.
+response. The relay answers two commands itself: LOGOUT, when the connection is clean
+(once every earlier command has its reply), and COMPRESS (refused). A session's first
+command that changes state may move it to a cached connection of the profile it asks
+for (an ENABLE, or a command that turns CONDSTORE on).
 
 Only the pump writes to the client while the relay runs, except for the proxy's own few
 replies, which take `client_lock` first. The pump holds that lock from the first byte of a
@@ -28,6 +29,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from .backend import BackendError
+from .lease import describe
 from .logfmt import ProtocolTrace
 from .protocol import LiteralData, ProtocolError
 from .sockio import recv_when_ready, send_all
@@ -137,7 +139,7 @@ class Relay:
             self.tracker.refused(held)
             self.send_local(held.tag + b' NO Compression is not available.\r\n')
             return None
-        if held.kind == 'enable' and self.take_enabled(held):
+        if held.kind == 'profile' and self.take_profile(held):
             return None
         if held.kind == 'logout':
             return self.logout(held)
@@ -181,11 +183,17 @@ class Relay:
             self.idle_timer.stop()
             self.wake_session()
 
-    def take_enabled(self, held: Held) -> bool:
-        """Serve a session's first command, ENABLE, from a cached connection that has
-        exactly that state. Returns False when there is none: the ENABLE then goes to the
-        server as usual and the connection takes the state on."""
-        entry = self.lease.checkout(enable_profile(held.names))
+    def take_profile(self, held: Held) -> bool:
+        """Serve a session whose first command that changes state asks for a profile
+        (ENABLE, or a command that turns CONDSTORE on) from a cached connection of that
+        profile. The commands before it changed nothing (ID, CAPABILITY, NOOP,
+        NAMESPACE) and have their replies, so the current connection goes back to the
+        cache as it is. An ENABLE is then answered as the server answered it on a fresh
+        connection; any other command goes to the new connection. Returns False when
+        there is none: the command then goes to the server as usual."""
+        if not self.quiet.is_set() or not self.tracker.quiet:
+            return False
+        entry = self.lease.checkout(held.profile)
         if entry is None:
             return False
         self.stop_pump()
@@ -194,15 +202,18 @@ class Relay:
                                             else 'response in progress')
         self.lease.switch(entry, unclean)
         conn = self.lease.conn
-        self.tracker.answered(conn.profile, conn.enabled)
-        # Answer as the server answered this ENABLE on a fresh connection: the names
-        # asked for that it turned on (QRESYNC brings CONDSTORE along).
-        on = enable_profile(conn.enabled)
-        names = [name for name in held.names if name.upper() in on]
-        self.send_local(b' '.join([b'* ENABLED'] + names) + b'\r\n' + held.tag
-                        + b' OK Enabled.\r\n')
-        log.info('enable: id=%s backend=%s result=reused replaced=%s', self.id, conn.id,
-                 old.id)
+        log.info('profile: id=%s backend=%s result=reused replaced=%s profile=%s', self.id,
+                 conn.id, old.id, describe(conn))
+        if held.name == b'ENABLE':
+            self.tracker.answered(conn.profile, conn.enabled)
+            # The names asked for that the server turned on (QRESYNC brings CONDSTORE).
+            on = enable_profile(conn.enabled)
+            names = [name for name in held.names if name.upper() in on]
+            self.send_local(b' '.join([b'* ENABLED'] + names) + b'\r\n' + held.tag
+                            + b' OK Enabled.\r\n')
+        else:
+            self.tracker.adopt(conn.profile, conn.enabled)
+            self.flush([self.tracker.forward(held)])
         self.pump = gevent.spawn(self.pump_server)
         return True
 

@@ -6,7 +6,7 @@ server response (`on_response`), and asks it:
 
 * what is in flight (`inflight`, `quiet`), and who owns a `+` continuation request;
 * whether a mailbox may be selected (`selected`);
-* the ENABLE and CONDSTORE profile (`profile`, `enabled`);
+* the ENABLE and CONDSTORE profile (`profile`, `enabled`, `condstore`);
 * whether the connection is still clean (`unclean` is None), and if not, why.
 
 It reads the client's commands the way the server does, so that both agree on where each
@@ -59,6 +59,10 @@ LITERAL8 = frozenset((b'APPEND', b'SETMETADATA'))
 # NOTIFY NONE Dovecot even stops the FETCH replies to STORE), Dovecot's session state
 # import, search result updates (RFC 5267 section 4), and the client's own LOGOUT.
 STICKY = frozenset((b'NOTIFY', b'X-STATE', b'CANCELUPDATE', b'LOGOUT'))
+# Commands that change nothing a later command could see: before the first other one,
+# a session is not yet bound to its connection's profile.
+STATELESS = frozenset((b'ID', b'CAPABILITY', b'NOOP', b'NAMESPACE'))
+CONDSTORE = frozenset((b'CONDSTORE',))
 _SELECTING = frozenset((b'SELECT', b'EXAMINE'))
 _DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
 _SEARCHING = frozenset((b'SEARCH', b'UID SEARCH', b'SORT', b'UID SORT', b'THREAD',
@@ -96,13 +100,17 @@ def enable_profile(names) -> frozenset:
 
 
 class Held:
-    """A command the relay may answer itself: `kind` is 'logout', 'compress' or
-    'enable' (the session's first command; `names` are the extensions asked for).
-    Nothing is recorded until the relay calls `Tracker.forward` with it."""
-    __slots__ = ('kind', 'tag', 'name', 'data', 'names')
+    """A command the relay may answer itself, or send on another connection: `kind` is
+    'logout', 'compress', or 'profile': the session's first command that changes
+    state asks for `profile` (an ENABLE of `names`, or one that turns CONDSTORE on), and
+    a cached connection of that profile may serve the session instead. Nothing is
+    recorded until the relay calls `Tracker.forward` (or `refused`, `answered`)."""
+    __slots__ = ('kind', 'tag', 'name', 'data', 'names', 'profile')
 
-    def __init__(self, kind: str, tag: bytes, name: bytes, data: bytes, names=()) -> None:
-        self.kind, self.tag, self.name, self.data, self.names = kind, tag, name, data, names
+    def __init__(self, kind: str, tag: bytes, name: bytes, data: bytes, names=(),
+                 profile: frozenset = frozenset()) -> None:
+        self.kind, self.tag, self.name, self.data = kind, tag, name, data
+        self.names, self.profile = names, profile
 
 
 class Command:
@@ -144,6 +152,8 @@ class Tracker:
         self.idle: Optional[Command] = None         # an IDLE whose ending line is due
         self.waiting: list[Command] = []            # commands owed a "+", in order
         self.listed: list[bytes] = []               # names in `* ENABLED` replies
+        self.condstore = False       # CONDSTORE may have been turned on without ENABLE
+        self.pinned = False          # a command that may change state was sent
         self.server_bye = False
         self.logging_out = False     # the client's LOGOUT went to the server
         self.event_kind = ''         # the last event: 'first' line, 'more' lines, 'literal'
@@ -193,7 +203,7 @@ class Tracker:
 
     def forward(self, held: Held) -> bytes:
         """Record a Held command as sent to the server; return its bytes."""
-        self.record(held.tag, held.name, held.data)
+        self.keywords(self.record(held.tag, held.name, held.data), held.data)
         return held.data
 
     def refused(self, held: Held) -> None:
@@ -203,6 +213,11 @@ class Tracker:
     def answered(self, profile: frozenset, enabled) -> None:
         """The relay answered a Held ENABLE itself with a connection of `profile`."""
         self.commands += 1
+        self.pinned = True
+        self.adopt(profile, enabled)
+
+    def adopt(self, profile: frozenset, enabled) -> None:
+        """The session goes on on another connection, of `profile`."""
         self.profile = profile
         self.enabled = list(enabled)
 
@@ -236,12 +251,23 @@ class Tracker:
                 return Held('compress', tag, name, data)
             if name == b'LOGOUT' and rest in (b'\r\n', b'\n') and self.unclean is None:
                 return Held('logout', tag, name, data)
-            if name == b'ENABLE' and not self.commands and not self.profile:
-                names = rest.split()
-                if names and self.unclean is None:
-                    return Held('enable', tag, name, data, names)
+            if not self.pinned and not self.profile and self.unclean is None:
+                held = self.profile_asked(tag, name, data, rest)
+                if held is not None:
+                    return held
         command = self.record(tag, name, data)
         return self.on_segment(command, line, pos)
+
+    def profile_asked(self, tag: bytes, name: bytes, data: bytes,
+                      rest: bytes) -> Optional[Held]:
+        """The Held first state-changing command when it asks for a profile."""
+        if name == b'ENABLE':
+            names = rest.split()
+            return Held('profile', tag, name, data, names, enable_profile(names)) \
+                if names else None
+        if name not in STATELESS and _CONDSTORE_RE.search(rest):
+            return Held('profile', tag, name, data, profile=CONDSTORE)
+        return None
 
     def record(self, tag: bytes, name: bytes, data: bytes) -> Command:
         """Add a command to what is in flight and note what it does to the session."""
@@ -255,6 +281,8 @@ class Tracker:
             self.inflight[tag] = command
         if not name:
             return command
+        if name not in STATELESS:
+            self.pinned = True
         if command.reads is None:
             self.doubt('unknown command: %s' % name[:30].decode('ascii'))
         elif name in STICKY:
@@ -346,8 +374,11 @@ class Tracker:
             command.keyword = b''
 
     def keywords(self, command: Command, text: bytes) -> None:
+        # RFC 7162 section 3.1: these turn CONDSTORE on for the rest of the session, as
+        # ENABLE CONDSTORE does. The connection is then cached under that profile (the
+        # reset sends ENABLE CONDSTORE to make sure of it).
         if b'CONDSTORE' not in self.profile and _CONDSTORE_RE.search(text):
-            self.doubt('implicit condstore')
+            self.condstore = True
         if command.name in _SEARCHING and _UPDATE_RE.search(text):
             self.doubt('search updates')
 
@@ -389,7 +420,7 @@ class Tracker:
             if self.selected is False and not self.selecting:
                 self.doubt('mailbox data with no mailbox selected')
             elif b'CONDSTORE' not in self.profile and b'MODSEQ (' in line:
-                self.doubt('implicit condstore')
+                self.condstore = True
         elif word[:4] == b'BYE ':
             self.server_bye = True
         elif word[:4] == b'BAD ':

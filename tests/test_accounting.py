@@ -64,3 +64,107 @@ def test_dropped_sessions_do_not_lock_the_user_out(server, proxy_log):
         assert server.server.settled_login_count() <= 40
     finally:
         proxy.stop(2)
+
+
+def fetch_modseq(answers) -> bool:
+    """Whether any FETCH reply carries MODSEQ: only a session with CONDSTORE on gets
+    one. (SELECT reports HIGHESTMODSEQ anyway once a mailbox has had CONDSTORE used.)"""
+    return any(b' FETCH ' in line and b'MODSEQ' in line for lines in answers
+               for line in lines)
+
+
+def run_session(port, user, password, commands) -> list:
+    """Log in, run `commands` (text without tags) and log out; return each command's
+    lines (untagged and tagged)."""
+    with Client(port, timeout=30) as client:
+        assert client.login(user, password).startswith(b'L1 OK')
+        out = []
+        for i, text in enumerate(commands):
+            lines, tagged = client.command(b'c%d' % i, text)
+            assert tagged.startswith(b'c%d OK' % i), (text, tagged)
+            out.append(lines + [tagged])
+        client.logout()
+    return out
+
+
+def test_condstore_sessions_reuse_condstore_connections(server, proxy_log):
+    """300 sessions over 10 users that start with SELECT (CONDSTORE): at most two server
+    logins per user (one plain, one CONDSTORE); a plain session then sees no MODSEQ."""
+    users = ['acct%d' % i for i in range(2, 12)]
+    before = {user: server_logins(server, user) for user in users}
+    proxy = start_proxy(server)
+    try:
+        def user_sessions(user):
+            for _ in range(30):
+                answers = run_session(proxy.server_port, user, USERS[user],
+                                      [b'SELECT INBOX (CONDSTORE)', b'FETCH 1:5 (FLAGS MODSEQ)'])
+                assert all(b'MODSEQ' in line for line in answers[1][:-1]), answers[1]
+        gevent.joinall([gevent.spawn(user_sessions, user) for user in users],
+                       timeout=120, raise_error=True)
+        server.server.settled_login_count()
+        for user in users:
+            assert server_logins(server, user) - before[user] <= 2, user
+            results = logins(proxy_log, user)
+            assert len(results) == 30 and results.count('new') <= 2, results
+            answers = run_session(proxy.server_port, user, USERS[user],
+                                  [b'SELECT INBOX', b'STORE 1 +FLAGS (\\Seen)',
+                                   b'FETCH 1:3 (FLAGS)', b'STORE 1 -FLAGS (\\Seen)'])
+            assert not fetch_modseq(answers), answers
+    finally:
+        proxy.stop(2)
+
+
+def test_a_session_that_turns_condstore_on_later_keeps_it_to_itself(server, proxy_log):
+    user, password = 'acct12', USERS['acct12']
+    proxy = start_proxy(server)
+    try:
+        answers = run_session(proxy.server_port, user, password,
+                              [b'SELECT INBOX', b'FETCH 1 (FLAGS)',
+                               b'FETCH 1:2 (FLAGS MODSEQ)'])
+        assert b'MODSEQ' in answers[2][0]
+        for _ in range(3):                       # plain sessions: never that connection
+            answers = run_session(proxy.server_port, user, password,
+                                  [b'SELECT INBOX', b'STORE 1 +FLAGS (\\Seen)',
+                                   b'STORE 1 -FLAGS (\\Seen)'])
+            assert not fetch_modseq(answers), answers
+        # ...but a CONDSTORE session does get it.
+        answers = run_session(proxy.server_port, user, password,
+                              [b'ENABLE CONDSTORE', b'SELECT INBOX',
+                               b'STORE 1 +FLAGS (\\Seen)', b'STORE 1 -FLAGS (\\Seen)'])
+        assert answers[0][0] == b'* ENABLED CONDSTORE\r\n'
+        assert fetch_modseq(answers[2:3])
+        lines = [line for line in proxy_log.lines if 'user=%s ' % user in line
+                 and line.startswith('login:')]
+        assert [line.split('result=')[1].split()[0] for line in lines] == \
+            ['new', 'new', 'reused', 'reused', 'reused']
+        assert 'profile: ' in '\n'.join(proxy_log.lines)
+    finally:
+        proxy.stop(2)
+
+
+def test_roundcube_id_then_enable_qresync_mixed_with_plain(server, proxy_log):
+    """Roundcube with its message cache: some sessions start ID, then ENABLE QRESYNC;
+    others are plain. Once warm, no more server logins per user and profile."""
+    user, password = 'acct13', USERS['acct13']
+    proxy = start_proxy(server)
+    qresync = [b'ID ("name" "Roundcube")', b'ENABLE QRESYNC', b'SELECT INBOX']
+    plain = [b'ID ("name" "Roundcube")', b'SELECT INBOX', b'FETCH 1:2 (FLAGS)']
+    before = server_logins(server, user)
+    try:
+        for _ in range(2):                      # warm: one connection of each profile
+            run_session(proxy.server_port, user, password, qresync)
+            run_session(proxy.server_port, user, password, plain)
+        server.server.settled_login_count()
+        warm = server_logins(server, user)
+        for i in range(12):
+            answers = run_session(proxy.server_port, user, password,
+                                  qresync if i % 3 else plain)
+            if i % 3:
+                assert answers[1][0] == b'* ENABLED QRESYNC\r\n', answers[1]
+            else:
+                assert not fetch_modseq(answers), answers
+        server.server.settled_login_count()
+        assert server_logins(server, user) == warm
+        assert warm - before == 2             # one of each profile
+    finally:
+        proxy.stop(2)

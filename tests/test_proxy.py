@@ -316,9 +316,8 @@ def test_backend_down_gives_unavailable(backend):
 
 @pytest.mark.parametrize('leave_with', [
     b'a APPEND INBOX {100}\r\nhalf of the literal',     # mid-literal
-    b'a SELECT INBOX (CONDSTORE)\r\nb NOOP\r\n',         # implicit CONDSTORE
     b'a LANGUAGE\r\nb NOOP\r\n',                         # sticky, and rare
-], ids=['literal', 'condstore', 'language'])
+], ids=['literal', 'language'])
 def test_doubtful_connections_are_closed_not_cached(dovecot, proxy_log, leave_with):
     proxy = start_proxy(dovecot)
     try:
@@ -391,3 +390,28 @@ def test_server_gone_mid_session_gives_bye():
             assert proxy.cache.total == 0
         finally:
             proxy.stop(2)
+
+
+def test_implicit_condstore_is_cached_under_its_profile(dovecot, proxy_log):
+    """RFC 7162 section 3.1: SELECT ... (CONDSTORE) turns CONDSTORE on. That connection
+    is cached for sessions that ask for CONDSTORE, never handed to a plain one."""
+    proxy = start_proxy(dovecot)
+    try:
+        user, password = dovecot.users[2]
+        with connect(proxy) as client:
+            client.login(user, password)
+            client.send(b'a SELECT INBOX (CONDSTORE)\r\nb NOOP\r\n')
+            client.read_until_tagged(b'b')
+        wait_cached(proxy)
+        assert [entry.profile for entries in proxy.cache._entries.values()
+                for entry in entries] == [frozenset((b'CONDSTORE',))]
+        with connect(proxy) as client:                   # a plain login starts fresh
+            assert client.login(user, password).startswith(b'L1 OK')
+            assert client.command(b'c', b'SELECT INBOX')[1].startswith(b'c OK')
+            lines = client.command(b'd', b'STORE 1 +FLAGS (\\Flagged)')[0]
+            lines += client.command(b'e', b'STORE 1 -FLAGS (\\Flagged)')[0]
+            assert lines and not any(b'MODSEQ' in line for line in lines)
+        assert [line.split('result=')[1].split()[0] for line in proxy_log.lines
+                if line.startswith('login:')] == ['new', 'new']
+    finally:
+        proxy.stop(2)

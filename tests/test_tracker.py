@@ -70,16 +70,6 @@ CASES = [
     (b'\xe4 NOOP\r\n', b'* BAD Error in IMAP tag: Invalid tag.\r\n', [], 'invalid tag'),
     (b'DONE\r\nz NOOP\r\n', b'DONE BAD Error in IMAP command: Invalid command name.\r\n'
      b'z OK done\r\n', [], 'not a command: DONE'),
-    # Implicit CONDSTORE wherever it hides.
-    (b'a STATUS {5+}\r\nINBOX (MESSAGES HIGHESTMODSEQ)\r\n', b'a OK done\r\n', [],
-     'implicit condstore'),
-    (b'a EXAMINE {5+}\r\nINBOX (CONDSTORE)\r\n', b'a OK done\r\n', [], 'implicit condstore'),
-    (b'a EXAMINE INBOX ( CONDSTORE)\r\n', b'a OK done\r\n', [], 'implicit condstore'),
-    (b'a SEARCH CHARSET {5+}\r\nUTF-8 MODSEQ 1\r\n', b'a OK done\r\n', [],
-     'implicit condstore'),
-    (b'a SEARCH {6+}\r\nMODSEQ 1\r\n', b'a OK done\r\n', [], 'implicit condstore'),
-    (b'a SELECT INBOX\r\nb NOOP\r\n', b'a OK done\r\n* 1 FETCH (FLAGS () MODSEQ (5))\r\n'
-     b'b OK done\r\n', [], 'implicit condstore'),
     # What the server says that no command asked for.
     (b'a NOOP\r\n', b'* ENABLED QRESYNC\r\na OK done\r\n', [], 'ENABLED without ENABLE'),
     (b'a NOOP\r\n', b'* 3 EXISTS\r\na OK done\r\n', [],
@@ -107,6 +97,31 @@ def test_tracker_reads_as_the_server_does(client, server, inflight, unclean, ste
             tracker.unclean
 
 
+# Implicit CONDSTORE (RFC 7162 section 3.1) wherever it hides: the connection is still
+# clean, and is cached under the CONDSTORE profile.
+CONDSTORE_CASES = [
+    (b'a STATUS {5+}\r\nINBOX (MESSAGES HIGHESTMODSEQ)\r\n', b'a OK done\r\n'),
+    (b'a EXAMINE {5+}\r\nINBOX (CONDSTORE)\r\n', b'a OK done\r\n'),
+    (b'a EXAMINE INBOX ( CONDSTORE)\r\n', b'a OK done\r\n'),
+    (b'a SEARCH CHARSET {5+}\r\nUTF-8 MODSEQ 1\r\n', b'a OK done\r\n'),
+    (b'a SEARCH {6+}\r\nMODSEQ 1\r\n', b'a OK done\r\n'),
+    (b'a UID FETCH 1:* (FLAGS) (CHANGEDSINCE 5)\r\n', b'a OK done\r\n'),
+    (b'a SELECT INBOX\r\nb NOOP\r\n',
+     b'a OK done\r\n* 1 FETCH (FLAGS () MODSEQ (5))\r\nb OK done\r\n'),
+]
+
+
+@pytest.mark.parametrize('step', SPLITS)
+@pytest.mark.parametrize('client, server', CONDSTORE_CASES)
+def test_implicit_condstore(client, server, step):
+    tracker, sent, _ = feed(client, step)
+    assert sent == client and answer(tracker, server) == server
+    assert tracker.condstore and tracker.unclean is None and tracker.quiet
+    tracker, _, _ = feed(b'a NOOP\r\nb SELECT INBOX\r\n', step)
+    answer(tracker, b'a OK done\r\nb OK done\r\n')
+    assert not tracker.condstore
+
+
 @pytest.mark.parametrize('step', SPLITS)
 def test_the_framing_follows_the_server_s_literals(step):
     """The bytes of a literal the server reads are never read as a command; those of one
@@ -121,16 +136,39 @@ def test_the_framing_follows_the_server_s_literals(step):
 def test_held_commands(step):
     tracker, sent, held = feed(b'a ENABLE QRESYNC\r\nb COMPRESS DEFLATE\r\nc LOGOUT\r\n',
                                step, forward_held=False)
-    assert held == [('enable', b'a'), ('compress', b'b'), ('logout', b'c')]
+    assert held == [('profile', b'a'), ('compress', b'b'), ('logout', b'c')]
     assert sent == b'' and tracker.quiet
     # A LOGOUT is held only on a clean connection, and only as RFC 3501 writes it.
     tracker, sent, held = feed(b'a NOOP\r\na NOOP\r\nz LOGOUT\r\n', step)
     assert held == [] and sent.endswith(b'z LOGOUT\r\n')
     tracker, sent, held = feed(b'z LOGOUT now\r\n', step)
     assert held == [] and tracker.unclean == 'logout'
-    # ENABLE is held only as the session's first command.
-    tracker, sent, held = feed(b'a NOOP\r\nb ENABLE QRESYNC\r\n', step)
-    assert held == []
+
+
+@pytest.mark.parametrize('step', SPLITS)
+@pytest.mark.parametrize('client, profile', [
+    (b'a ENABLE QRESYNC\r\n', {b'QRESYNC', b'CONDSTORE'}),
+    (b'i ID NIL\r\nc CAPABILITY\r\nn NOOP\r\nm NAMESPACE\r\na ENABLE X\r\n', {b'X'}),
+    (b'a SELECT INBOX (CONDSTORE)\r\n', {b'CONDSTORE'}),
+    (b'i ID NIL\r\na FETCH 1:* (FLAGS MODSEQ)\r\n', {b'CONDSTORE'}),
+    (b'a STATUS INBOX (HIGHESTMODSEQ)\r\n', {b'CONDSTORE'}),
+])
+def test_the_first_command_that_changes_state_may_choose_the_profile(client, profile, step):
+    tracker, sent, held = feed(client, step, forward_held=False)
+    assert [kind for kind, _ in held] == ['profile']
+    assert tracker.pinned is False
+
+
+@pytest.mark.parametrize('step', SPLITS)
+@pytest.mark.parametrize('client', [
+    b'a SELECT INBOX\r\nb ENABLE QRESYNC\r\n',          # pinned to its plain profile
+    b'a LIST "" *\r\nb SELECT INBOX (CONDSTORE)\r\n',
+    b'a SELECT {5+}\r\nINBOX (CONDSTORE)\r\n',          # only a one-line command is held
+    b'a ENABLE\r\n',
+])
+def test_profile_is_not_chosen_after_state_changed(client, step):
+    tracker, sent, held = feed(client, step, forward_held=False)
+    assert held == [] and sent == client
 
 
 def test_enable_sets_the_profile():
