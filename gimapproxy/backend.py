@@ -61,6 +61,18 @@ class LoginRefused(Exception):
         self.response = response
 
 
+def set_keepalive(sock, idle: int, interval: int, count: int) -> None:
+    """Turn TCP keepalives on: after `idle` seconds of silence, a probe every `interval`
+    seconds, and the connection is dead after `count` unanswered ones (Linux names;
+    where the system lacks one, its own default stays)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (('TCP_KEEPIDLE', idle), ('TCP_KEEPINTVL', interval),
+                        ('TCP_KEEPCNT', count)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 class State(enum.Enum):
     """Where a backend connection is in its life; gimapproxy.lease moves it along."""
     CONNECTING = 'connecting'         # TCP, TLS and the greeting
@@ -107,11 +119,12 @@ class BackendConnection:
 
     # -- connecting and logging in ------------------------------------------------------
 
-    def connect(self, timeout: float, tls=None) -> None:
+    def connect(self, timeout: float, tls=None, keepalive: Optional[tuple] = None) -> None:
         """Connect and read the greeting, within `timeout` seconds in all. With `tls` (a
         gimapproxy.tls.BackendTLS) the connection is encrypted before the greeting
         (implicit) or right after it with STARTTLS, which fails closed: no STARTTLS
-        means no login (RFC 3501 section 6.2.1).
+        means no login (RFC 3501 section 6.2.1). `keepalive` is (idle, interval, count)
+        for TCP keepalives, or None for none.
 
         Raises:
             BackendUnavailable: refused, unreachable, timed out, BYE or PREAUTH greeting,
@@ -126,6 +139,8 @@ class BackendConnection:
                 raise BackendUnavailable('connect to %s:%d failed: %s'
                                          % (host, port, exc.strerror or exc)) from None
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if keepalive is not None:
+                set_keepalive(self.sock, *keepalive)
             if tls is not None and tls.mode == 'implicit':
                 self._start_tls(tls)
             self._read_greeting()
@@ -325,6 +340,17 @@ class BackendConnection:
                 raise BackendError('CLOSE answered %s' % printable(response.status))
         elif status != b'NO':
             raise BackendError('EXAMINE answered %s' % printable(status))
+
+    def check(self, timeout: float) -> None:
+        """One NOOP round trip within `timeout`: is a cached connection still alive?
+
+        Raises:
+            BackendError: no OK in time, EOF, BYE, or anything out of step.
+        """
+        with gevent.Timeout(timeout, BackendUnavailable('no answer in %gs' % timeout)):
+            response, _ = self._command(b'NOOP')
+        if response.status != b'OK':
+            raise BackendError('NOOP answered %s' % printable(response.status))
 
     def logout(self, reason: str) -> None:
         """Send LOGOUT, wait briefly for its reply, then close with `reason`. Never raises."""

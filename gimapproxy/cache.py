@@ -45,7 +45,7 @@ class Entry:
     `retired` is set when the user's password changed: the entry is not cached again.
     """
     __slots__ = ('key', 'verifier', 'conn', 'lock', 'logout_time', 'auth_time', 'watcher',
-                 'retired', 'returning')
+                 'retired', 'returning', 'idle')
 
     def __init__(self, key: Hashable, verifier: bytes, conn, auth_time: float) -> None:
         self.key = key
@@ -57,6 +57,7 @@ class Entry:
         self.watcher = None
         self.retired = False
         self.returning: Optional[Event] = None    # set when a reset under way ends
+        self.idle = 0.0                  # seconds it was cached before its last checkout
 
     @property
     def cached(self) -> bool:
@@ -141,6 +142,7 @@ class ConnectionCache:
                 continue
             self._unwatch(entry)
             del self._idle[entry]
+            entry.idle = self.clock() - entry.logout_time
             entry.logout_time = None
             return entry
         return None

@@ -280,6 +280,12 @@ def print_stats(config) -> int:
     ]
     for reason, count in sorted(backends['closed_by_reason'].items()):
         lines.append('  closed: %-40s %6d' % (reason, count))
+    # Why the hit ratio is what it is: connections closed instead of cached, and failed
+    # logins, most frequent first.
+    for title, counts in (('not reusable', backends.get('not_reusable_by_reason', {})),
+                          ('login failed', stats['logins'].get('failed_by_reason', {}))):
+        for reason, count in sorted(counts.items(), key=lambda item: -item[1])[:10]:
+            lines.append('  %s: %-34s %6d' % (title, reason, count))
     print('\n'.join(lines))
     return 0
 

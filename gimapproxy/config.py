@@ -275,6 +275,21 @@ KEYS = (
     Key('login_timeout', _seconds(0.1, 600), '30',
         'Seconds the server may take to answer a login (Dovecot delays failed logins by '
         'up to 15 s).'),
+    Key('send_tcp_keepalives', _boolean, 'yes',
+        'TCP keepalives on server connections (tcp_keepidle, tcp_keepintvl, tcp_keepcnt), '
+        'so that one a firewall or NAT forgot is found dead.'),
+    Key('tcp_keepidle', _integer(1, 86400), '60',
+        'Seconds a server connection is idle before the first keepalive.'),
+    Key('tcp_keepintvl', _integer(1, 3600), '10',
+        'Seconds between keepalives that get no answer.'),
+    Key('tcp_keepcnt', _integer(1, 100), '3',
+        'Keepalives without an answer before the connection counts as dead.'),
+    Key('server_check_delay', _seconds(0, 86400), '30',
+        'A cached connection idle for longer than this is checked with a NOOP before it '
+        'is handed out; one that fails is closed and the login goes on with another '
+        '(0: always check).'),
+    Key('server_check_timeout', _seconds(0.01, 600), '2',
+        'Seconds that NOOP may take.'),
     Key('busy_timeout', _seconds(0, 600), '5',
         'Seconds a login waits for a server connection when the user '
         '(max_connections_per_user) or the proxy (cache_size) has none free: one being '
@@ -348,6 +363,12 @@ class ProxyConfig:
     login_timeout: float
     reset_timeout: float
     busy_timeout: float
+    send_tcp_keepalives: bool
+    tcp_keepidle: int
+    tcp_keepintvl: int
+    tcp_keepcnt: int
+    server_check_delay: float
+    server_check_timeout: float
     write_timeout: float
     stats_listen: Optional[tuple]
     admin_networks: tuple

@@ -255,13 +255,24 @@ def checkout(server, key, verifier: bytes, profile: frozenset) -> Optional[Entry
                 continue
         if entry is None:
             return None
-        if not entry.conn.has_input():
-            entry.conn.state = State.ACTIVE
-            return entry
-        # Not one stale byte may reach the new client: the server spoke while the
-        # connection sat in the cache (a BYE, most likely) and the watcher has not run.
-        cache.discard(entry)
-        entry.conn.close('server spoke while cached')
+        conn = entry.conn
+        if conn.has_input():
+            # Not one stale byte may reach the new client: the server spoke while the
+            # connection sat in the cache (a BYE, most likely) and the watcher has not run.
+            cache.discard(entry)
+            conn.close('server spoke while cached')
+            continue
+        if entry.idle >= server.config.server_check_delay:
+            # A firewall or NAT between here and the server may have forgotten it
+            # without a word: better a NOOP now than a client that hangs.
+            try:
+                conn.check(server.config.server_check_timeout)
+            except BackendError as exc:
+                cache.discard(entry)
+                conn.close('server check failed: %s' % exc.reason)
+                continue
+        conn.state = State.ACTIVE
+        return entry
 
 
 def login(server, session_id: str, key, verifier: bytes, credentials: tuple,
@@ -319,8 +330,11 @@ def connect(server, session_id: str, user: bytes) -> BackendConnection:
     failure = None
     for address in server.choice.order(user):
         conn = server.new_backend(address)
+        config = server.config
+        keepalive = ((config.tcp_keepidle, config.tcp_keepintvl, config.tcp_keepcnt)
+                     if config.send_tcp_keepalives else None)
         try:
-            conn.connect(server.config.connect_timeout, server.backend_tls)
+            conn.connect(config.connect_timeout, server.backend_tls, keepalive)
         except BackendError as exc:
             conn.close(exc.reason)
             log.warning('server failed: id=%s server=%s:%d reason=%s', session_id,

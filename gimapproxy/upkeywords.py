@@ -263,10 +263,15 @@ def _enable_select_cache(m: _Migration, line: Line) -> None:
 
 
 def _send_tcp_keepalives(m: _Migration, line: Line) -> None:
-    _on_off(m, line, 'not carried over: gimapproxy sets no SO_KEEPALIVE. It drops a cached '
-               'connection as soon as the server closes it or speaks, expires idle ones '
-               'after cache_expiration_time, and clients reconnect on error',
-            'not needed: gimapproxy sets no SO_KEEPALIVE either')
+    value = m.boolean(line)
+    if value:
+        m.note(line, 'not needed: gimapproxy sends TCP keepalives by default (tcp_keepidle, '
+               'tcp_keepintvl, tcp_keepcnt), and checks a cached connection idle for '
+               'server_check_delay with a NOOP before it hands it out')
+    elif value is False:
+        m.note(line, 'not carried over: gimapproxy sends TCP keepalives by default, so that '
+               'a firewall that forgets idle connections cannot leave a dead cached '
+               'connection; write send_tcp_keepalives = no to turn them off')
 
 
 def _dns_rr(m: _Migration, line: Line) -> None:

@@ -3,7 +3,6 @@ per-user accounting, the CONDSTORE profile, sessions that start with commands th
 change nothing, and cached connections that died silently. Against a real Dovecot with
 its default per-user limit (mail_max_userip_connections = 10)."""
 import socket as _socket
-import threading
 import time
 
 import gevent
@@ -11,7 +10,7 @@ import pytest
 from gevent import socket
 from gevent.server import StreamServer
 
-from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, free_port, require_dovecot
+from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, require_dovecot
 from tests.conftest import Backend, start_proxy
 from tests.wire import Client
 
@@ -168,3 +167,82 @@ def test_roundcube_id_then_enable_qresync_mixed_with_plain(server, proxy_log):
         assert warm - before == 2             # one of each profile
     finally:
         proxy.stop(2)
+
+
+class StallingRelay:
+    """A TCP relay to a server that can stop forwarding on the connections it has while
+    keeping both their sockets open, as a firewall or NAT that forgot them does. New
+    connections pass."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.pairs = []                  # [stalled] per connection
+        self.server = StreamServer(('127.0.0.1', 0), self.handle)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def start(self) -> 'StallingRelay':
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(1)
+
+    def stall(self) -> None:
+        for pair in self.pairs:
+            pair[0] = True
+
+    def handle(self, sock, address) -> None:
+        upstream = socket.create_connection(('127.0.0.1', self.target_port))
+        pair = [False]
+        self.pairs.append(pair)
+
+        def pump(source, sink):
+            try:
+                while True:
+                    data = source.recv(65536)
+                    if not data:
+                        break
+                    if not pair[0]:
+                        sink.sendall(data)      # stalled: swallowed, nothing goes on
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    try:
+                        end.shutdown(_socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        other = gevent.spawn(pump, upstream, sock)
+        pump(sock, upstream)
+        other.join()
+        sock.close()
+        upstream.close()
+
+
+def test_a_cached_connection_that_died_silently_costs_one_login(server, proxy_log):
+    user, password = 'acct14', USERS['acct14']
+    relay = StallingRelay(server.port).start()
+    proxy = start_proxy(Backend('relay', relay), server_check_delay=0,
+                        server_check_timeout=1)
+    try:
+        run_session(proxy.server_port, user, password, [b'SELECT INBOX'])
+        gevent.sleep(0.3)                        # cached
+        relay.stall()
+        started = time.monotonic()
+        answers = run_session(proxy.server_port, user, password, [b'SELECT INBOX'])
+        elapsed = time.monotonic() - started
+        assert answers[0][-1].startswith(b'c0 OK')
+        assert elapsed < 1 + 2, elapsed           # the check's timeout, plus one login
+        assert logins(proxy_log, user) == ['new', 'new']
+        assert any('backend closed:' in line and 'server check failed' in line
+                   for line in proxy_log.lines)
+        # A cached connection that answers its check is handed out as before.
+        gevent.sleep(0.3)
+        run_session(proxy.server_port, user, password, [b'NOOP'])
+        assert logins(proxy_log, user) == ['new', 'new', 'reused']
+    finally:
+        proxy.stop(2)
+        relay.stop()

@@ -414,7 +414,7 @@ def test_empty_file_still_loads(tmp_path):
     ('enable_admin_commands no', ['note', 'stats_listen']),
     ('enable_select_cache yes', ['warning', 'on purpose', 'stale EXISTS']),
     ('enable_select_cache no', ['note', 'never caches SELECT']),
-    ('send_tcp_keepalives yes', ['warning', 'SO_KEEPALIVE']),
+    ('send_tcp_keepalives yes', ['note', 'by default', 'server_check_delay']),
     ('connect_retries 10', ['note', 'connect_timeout']),
     ('connect_delay 5', ['note', 'connect_timeout']),
     ('dns_rr yes', ['warning', 'in order']),

@@ -70,6 +70,19 @@ def test_stats_json_and_the_stats_command(stats_proxy, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert re.search(r'logins\s+1 new\s+0 reused', result.stdout), result.stdout
+    # Why connections were not reused, and why logins failed, most frequent first.
+    with Client(stats_proxy.server_port) as client:
+        client.login('demouser', 'demopass')
+        client.command(b'a', b'XUNKNOWN')
+        client.logout()
+    with Client(stats_proxy.server_port) as client:
+        client.login('demouser', 'wrongpass')
+    time.sleep(0.3)
+    result = subprocess.run([sys.executable, BIN, 'stats', '-c', str(ini)], timeout=30,
+                            capture_output=True, text=True)
+    assert re.search(r'not reusable: unknown command\s+1\n', result.stdout), result.stdout
+    assert re.search(r'login failed: refused by the server\s+1\n', result.stdout), \
+        result.stdout
 
 
 def test_admin_list_and_flush(stats_proxy, tmp_path):
