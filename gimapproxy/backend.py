@@ -1,12 +1,12 @@
 """Backend connections: the only module that writes to an IMAP server's socket.
 
-A BackendConnection connects, reads the greeting, logs in with proxy-owned tags, carries a
-client session's bytes, resets itself for the next session and logs out. Every close has a
-reason; every wait has a deadline.
+A BackendConnection connects, reads the greeting, runs the proxy's own commands with
+proxy-owned tags (the login's, in gimapproxy.login), carries a client session's bytes,
+resets itself for the next session and logs out. Every close has a reason; every wait
+has a deadline.
 """
 from __future__ import annotations
 
-import base64
 import enum
 import itertools
 import logging
@@ -19,8 +19,8 @@ from gevent import socket
 
 from .logfmt import printable
 from .protocol import (Framer, Line, LiteralData, ProtocolError, Response,
-                       code_capabilities, filter_capabilities, login_command, parse_response,
-                       quote, untagged_capabilities)
+                       code_capabilities, filter_capabilities, parse_response,
+                       untagged_capabilities)
 from .sockio import readable, recv_when_ready, send_all
 
 __all__ = ['BackendConnection', 'BackendError', 'BackendUnavailable', 'BackendDesync',
@@ -160,21 +160,21 @@ class BackendConnection:
                                      % printable(greeting.status or b'data'))
         self.capabilities = code_capabilities(greeting)
         if not self.capabilities:
-            self.capabilities = self._ask_capabilities()
+            self.capabilities = self.ask_capabilities()
 
     def _starttls(self, tls) -> None:
         # RFC 3501 section 6.2.1: no STARTTLS or a NO refuses the login, and what the
         # server said before TLS (capabilities, any extra bytes) is thrown away.
         if b'STARTTLS' not in self.capability_set():
             raise BackendUnavailable('server offers no STARTTLS')
-        response, _ = self._command(b'STARTTLS')
+        response, _ = self.command(b'STARTTLS')
         if response.status != b'OK':
             raise BackendUnavailable('server refused STARTTLS: %s'
                                      % printable(response.status))
         if self.framer.buffered:
             raise BackendUnavailable('data after the STARTTLS reply (injection?)')
         self._start_tls(tls)
-        self.capabilities = self._ask_capabilities()
+        self.capabilities = self.ask_capabilities()
 
     def _start_tls(self, tls) -> None:
         from .tls import describe_error
@@ -184,105 +184,26 @@ class BackendConnection:
             raise BackendUnavailable(describe_error(exc)) from None
         self.tls = tls
 
-    def identify(self, fields: list, timeout: float) -> None:
-        """Send ID with `fields` (name, value byte pairs) as the first command, when the
-        server offers ID (RFC 2971). A refusal is logged, not fatal.
-
-        Raises:
-            BackendError: timeout, EOF, a foreign tag.
-        """
-        if b'ID' not in self.capability_set() or not fields:
-            return
-        items = []
-        for name, value in fields:
-            try:
-                items.append(quote(name) + b' ' + quote(value))
-            except ValueError:
-                continue              # a value that needs a literal: leave it out
-        with gevent.Timeout(timeout, BackendUnavailable('ID timeout')):
-            response, _ = self._command(b'ID (' + b' '.join(items) + b')')
-        if response.status != b'OK':
-            log.info('backend refused ID: id=%s status=%s', self.id,
-                     printable(response.status))
-
-    def login(self, authzid: bytes, user: bytes, password: bytes, timeout: float) -> None:
-        """Authenticate as `user`; on success `capabilities` holds the post-login list.
-
-        AUTHENTICATE PLAIN is preferred (it carries an authzid and UTF-8), LOGIN is the
-        fallback. The proxy never sends a password to a server that says
-        LOGINDISABLED (RFC 3501 section 6.2.3).
-
-        Raises:
-            LoginRefused: the server said NO or BAD.
-            BackendUnavailable: timeout, EOF, or no usable mechanism.
-            BackendDesync: the server answered with a tag we did not send.
-        """
-        caps = self.capability_set()
-        with gevent.Timeout(timeout, BackendUnavailable('login timeout after %gs' % timeout)):
-            if b'LOGINDISABLED' in caps:
-                raise BackendUnavailable('server says LOGINDISABLED: it wants TLS '
-                                         '(see server_tls)')
-            if b'AUTH=PLAIN' in caps:
-                response, untagged = self._authenticate_plain(authzid, user, password,
-                                                              b'SASL-IR' in caps)
-            elif authzid:
-                raise BackendUnavailable('server offers no AUTH=PLAIN for an authzid login')
-            else:
-                response, untagged = self._login_command(user, password, caps)
-            if response.status != b'OK':
-                raise LoginRefused(response)
-            self.login_text = response.text or b'Logged in'
-            # The post-login list comes in the OK's code, as untagged data during the
-            # login (Dovecot), or has to be asked for.
-            caps_after = code_capabilities(response) or untagged_capabilities(
-                untagged) or self._ask_capabilities()
-            self.capabilities = caps_after
-        if self.tls is not None:
-            self.tls.remember(self.sock)
-            log.debug('backend TLS: id=%s version=%s resumed=%s', self.id,
-                      self.sock.version(), 'yes' if self.sock.session_reused else 'no')
-
-    def _authenticate_plain(self, authzid: bytes, user: bytes, password: bytes,
-                            sasl_ir: bool) -> tuple[Response, list[bytes]]:
-        # RFC 4616 section 2: message = [authzid] NUL authcid NUL passwd.
-        payload = base64.b64encode(authzid + b'\0' + user + b'\0' + password)
-        tag = self._next_tag()
-        if sasl_ir:
-            # RFC 4959 section 3: the initial response goes on the command line.
-            self.send(tag + b' AUTHENTICATE PLAIN ' + (payload or b'=') + b'\r\n')
-            return self._read_tagged(tag)
-        self.send(tag + b' AUTHENTICATE PLAIN\r\n')
-        return self._read_tagged(tag, continuation=payload + b'\r\n')
-
-    def _login_command(self, user: bytes, password: bytes,
-                       caps: set) -> tuple[Response, list[bytes]]:
-        tag = self._next_tag()
-        pieces, tail = login_command(tag, user, password, caps)
-        for head, literal, non_sync in pieces:
-            self.send(head)
-            if not non_sync:
-                response = self._wait_continuation(tag)
-                if response is not None:
-                    return response, []
-            self.send(literal)
-        self.send(tail)
-        return self._read_tagged(tag)
-
     # -- proxy-owned commands ----------------------------------------------------------
 
-    def _next_tag(self) -> bytes:
+    def next_tag(self) -> bytes:
+        """A new proxy-owned tag: a random prefix per connection that no client can
+        guess, so a late reply to a client command is never taken for the proxy's own."""
         return self._tag_prefix + b'.%d' % next(self._tags)
 
-    def _ask_capabilities(self) -> list[bytes]:
-        response, untagged = self._command(b'CAPABILITY')
+    def ask_capabilities(self) -> list[bytes]:
+        """Run CAPABILITY; return the list. Raises BackendUnavailable unless OK."""
+        response, untagged = self.command(b'CAPABILITY')
         if response.status != b'OK':
             raise BackendUnavailable('CAPABILITY failed')
         return untagged_capabilities(untagged)
 
-    def _command(self, text: bytes) -> tuple[Response, list[bytes]]:
-        tag = self._next_tag()
+    def command(self, text: bytes) -> tuple[Response, list[bytes]]:
+        """Send one proxy-owned command; return its tagged reply and the untagged lines
+        before it (see read_tagged)."""
+        tag = self.next_tag()
         self.send(tag + b' ' + text + b'\r\n')
-        return self._read_tagged(tag)
+        return self.read_tagged(tag)
 
     def start_reset(self, timeout: float, condstore: bool = False) -> list:
         """Start bringing the session back to "logged in, nothing selected" for the next
@@ -309,7 +230,7 @@ class BackendConnection:
         commands = [deselect, b'NOOP']
         if condstore:
             commands.insert(1, b'ENABLE CONDSTORE')
-        sent = [(self._next_tag(), command) for command in commands]
+        sent = [(self.next_tag(), command) for command in commands]
         self.send(b''.join(tag + b' ' + command + b'\r\n' for tag, command in sent), timeout)
         return sent
 
@@ -320,7 +241,7 @@ class BackendConnection:
             BackendError: timeout, EOF, BYE, a foreign tag, or an unexpected answer.
         """
         with gevent.Timeout(timeout, BackendUnavailable('reset timeout after %gs' % timeout)):
-            replies = {command: self._read_tagged(tag)[0].status for tag, command in sent}
+            replies = {command: self.read_tagged(tag)[0].status for tag, command in sent}
             if replies[b'NOOP'] != b'OK':
                 raise BackendError('NOOP answered %s' % printable(replies[b'NOOP']))
             if replies.get(b'ENABLE CONDSTORE', b'OK') != b'OK':
@@ -335,7 +256,7 @@ class BackendConnection:
                 raise BackendError('UNSELECT answered %s' % printable(status))
         elif status == b'OK':
             # The name exists after all; it was opened read-only, so CLOSE expunges nothing.
-            response, _ = self._command(b'CLOSE')
+            response, _ = self.command(b'CLOSE')
             if response.status != b'OK':
                 raise BackendError('CLOSE answered %s' % printable(response.status))
         elif status != b'NO':
@@ -348,7 +269,7 @@ class BackendConnection:
             BackendError: no OK in time, EOF, BYE, or anything out of step.
         """
         with gevent.Timeout(timeout, BackendUnavailable('no answer in %gs' % timeout)):
-            response, _ = self._command(b'NOOP')
+            response, _ = self.command(b'NOOP')
         if response.status != b'OK':
             raise BackendError('NOOP answered %s' % printable(response.status))
 
@@ -356,7 +277,7 @@ class BackendConnection:
         """Send LOGOUT, wait briefly for its reply, then close with `reason`. Never raises."""
         try:
             with gevent.Timeout(LOGOUT_TIMEOUT, BackendUnavailable('logout timeout')):
-                self._command(b'LOGOUT')
+                self.command(b'LOGOUT')
         except (BackendError, OSError):
             pass
         self.close(reason)
@@ -436,8 +357,8 @@ class BackendConnection:
             if budget[0] < 0:
                 raise BackendError('too much unsolicited data')
 
-    def _read_tagged(self, tag: bytes, continuation: Optional[bytes] = None
-                     ) -> tuple[Response, list[bytes]]:
+    def read_tagged(self, tag: bytes, continuation: Optional[bytes] = None
+                    ) -> tuple[Response, list[bytes]]:
         """Read to the tagged reply for `tag`, returning it and the untagged first lines.
 
         Untagged data (with its literals) is read and dropped, up to MAX_DISCARD bytes.
@@ -475,7 +396,7 @@ class BackendConnection:
                 untagged.append(event.data)
             self._skip_literals(event, budget)
 
-    def _wait_continuation(self, tag: bytes) -> Optional[Response]:
+    def wait_continuation(self, tag: bytes) -> Optional[Response]:
         """Wait for `+`; return None on it, or the tagged reply that refused the literal."""
         while True:
             try:

@@ -171,7 +171,6 @@ class _Parser:
         return self.data[start:end]
 
 
-
 def parse_command(data: bytes) -> Command:
     """Parse one complete command: its lines and literal payloads exactly as received.
 

@@ -26,6 +26,7 @@ from .backend import (BackendConnection, BackendDesync, BackendError, BackendUna
                       LoginRefused, State)
 from .cache import CacheFull, Entry
 from .logfmt import printable
+from .login import identify, login as login_as
 from .protocol import LiteralData, ProtocolError, Response, parse_response
 from .tracker import CONDSTORE, Tracker
 
@@ -296,8 +297,8 @@ def login(server, session_id: str, key, verifier: bytes, credentials: tuple,
         conn = connect(server, session_id, user)
         conn.state = State.LOGGING_IN
         if id_fields:
-            conn.identify(id_fields, config.login_timeout)
-        conn.login(authzid, user, password, config.login_timeout)
+            identify(conn, id_fields, config.login_timeout)
+        login_as(conn, authzid, user, password, config.login_timeout)
     except LoginRefused as refused:
         cache.unreserve(key)
         conn.close('login refused')

@@ -30,6 +30,7 @@ _KEYS = {key.name: key for key in KEYS}
 _SYSTEM_KEYS = frozenset(('tls_ca_file', 'tls_cert_file', 'tls_key_file', 'proc_username',
                           'proc_groupname'))
 
+
 class _Migration:
     """The state of one migration: the lines read, the keys set, the messages."""
 
@@ -126,8 +127,6 @@ def _read(text: str, m: _Migration) -> None:
             m.warn(line, 'given again (first on line %d); the last one counts, as in '
                    'up-imapproxy' % earlier.number)
         m.lines[line.keyword] = line
-
-
 
 
 def _whole_file(m: _Migration) -> None:

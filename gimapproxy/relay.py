@@ -199,7 +199,7 @@ class Relay:
         self.stop_pump()
         old = self.lease.conn
         unclean = self.tracker.unclean or (None if old.framer.at_boundary
-                                            else 'response in progress')
+                                           else 'response in progress')
         self.lease.switch(entry, unclean)
         conn = self.lease.conn
         log.info('profile: id=%s backend=%s result=reused replaced=%s profile=%s', self.id,
@@ -262,8 +262,8 @@ class Relay:
                     literal = isinstance(event, LiteralData)
                     if self.trace:
                         self.trace.server(event.data, literal)
-                    out.append(event.data if literal else self.on_lines(event.data,
-                                                                         event.first))
+                    out.append(event.data if literal
+                               else self.on_lines(event.data, event.first))
                 if out:
                     if not holding:
                         self.client_lock.acquire()

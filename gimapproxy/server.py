@@ -32,6 +32,7 @@ __all__ = ['ProxyServer']
 
 log = logging.getLogger('gimapproxy.server')
 
+
 def _is_loopback(host: str) -> bool:
     if host == 'localhost':
         return True
