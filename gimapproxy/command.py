@@ -1,8 +1,12 @@
-"""Client commands before login, read whole: the proxy answers them itself.
+"""Client commands: what the server reads of them, and before login, reading them whole.
 
-Pure, like gimapproxy.protocol: bytes in, values out. A malformed command becomes a
-BadCommand that still carries the tag when one was readable, to be answered `tag BAD`.
-After login the proxy does not parse commands: gimapproxy.tracker follows them.
+Pure, like gimapproxy.protocol: bytes in, values out.
+
+* Before login the proxy answers commands itself (`parse_command`). A malformed command
+  becomes a BadCommand that still carries the tag when one was readable, to be answered
+  `tag BAD`.
+* After login gimapproxy.tracker follows the client's commands as Dovecot 2.3 reads
+  them; the tables and patterns it reads them with are here.
 """
 from __future__ import annotations
 
@@ -12,7 +16,64 @@ from typing import Optional
 
 from .protocol import BadLiteral, literal_size
 
-__all__ = ['BadCommand', 'Command', 'parse_command', 'command_head', 'tag_of', 'MAX_DEPTH']
+__all__ = ['BadCommand', 'Command', 'parse_command', 'command_head', 'tag_of', 'MAX_DEPTH',
+           'ALL', 'NONE', 'COMMANDS', 'LITERAL8', 'STICKY', 'STATELESS', 'CONDSTORE']
+
+# How many arguments the server reads from each command (Dovecot 2.3 and its quota and
+# ACL plugins): ALL of them, the first N (the rest of the line is skipped), or NONE (the
+# whole line is skipped). A literal announced where the server reads nothing more is
+# never read by it: its bytes are the next command.
+ALL, NONE = 0, -1
+COMMANDS = {
+    b'CAPABILITY': NONE, b'LOGOUT': NONE, b'NOOP': NONE, b'CHECK': NONE, b'CLOSE': NONE,
+    b'EXPUNGE': NONE, b'UNSELECT': NONE, b'IDLE': NONE, b'NAMESPACE': NONE,
+    b'APPEND': ALL, b'SELECT': ALL, b'EXAMINE': ALL, b'LIST': ALL, b'LSUB': ALL,
+    b'XLIST': ALL, b'FETCH': ALL, b'UID FETCH': ALL, b'SEARCH': ALL, b'UID SEARCH': ALL,
+    b'STORE': ALL, b'UID STORE': ALL, b'SORT': ALL, b'UID SORT': ALL, b'THREAD': ALL,
+    b'UID THREAD': ALL, b'ENABLE': ALL, b'ID': ALL, b'GETMETADATA': ALL, b'NOTIFY': ALL,
+    b'CANCELUPDATE': ALL, b'GENURLAUTH': ALL, b'RESETKEY': ALL, b'URLFETCH': ALL,
+    b'X-STATE': ALL, b'COMPRESS': ALL,
+    b'CREATE': 1, b'DELETE': 1, b'SUBSCRIBE': 1, b'UNSUBSCRIBE': 1, b'UID EXPUNGE': 1,
+    b'X-CANCEL': 1, b'GETQUOTAROOT': 1, b'GETQUOTA': 1, b'GETACL': 1, b'MYRIGHTS': 1,
+    b'COPY': 2, b'UID COPY': 2, b'MOVE': 2, b'UID MOVE': 2, b'RENAME': 2, b'STATUS': 2,
+    b'SETQUOTA': 2, b'LISTRIGHTS': 2, b'DELETEACL': 2, b'SETMETADATA': 2,
+    b'SETACL': 3,
+}
+# RFC 3516 section 4.3 and RFC 5464: literal8 only in APPEND and SETMETADATA values.
+LITERAL8 = frozenset((b'APPEND', b'SETMETADATA'))
+# State a fresh login does not have and that no reset undoes: NOTIFY (RFC 5465; after
+# NOTIFY NONE Dovecot even stops the FETCH replies to STORE), Dovecot's session state
+# import, search result updates (RFC 5267 section 4), and the client's own LOGOUT.
+STICKY = frozenset((b'NOTIFY', b'X-STATE', b'CANCELUPDATE', b'LOGOUT'))
+# Commands that change nothing a later command could see: before the first other one,
+# a session is not yet bound to its connection's profile.
+STATELESS = frozenset((b'ID', b'CAPABILITY', b'NOOP', b'NAMESPACE'))
+CONDSTORE = frozenset((b'CONDSTORE',))
+SELECTING = frozenset((b'SELECT', b'EXAMINE'))
+DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
+SEARCHING = frozenset((b'SEARCH', b'UID SEARCH', b'SORT', b'UID SORT', b'THREAD',
+                        b'UID THREAD'))
+
+# Dovecot 2.3's tag: 1*<any ASTRING-CHAR except "+">, without "]" and 8-bit octets
+# (RFC 3501 section 9); a command name is an atom, "+" allowed. Either ends at SP or the
+# line end. 0x7F is refused here too: stricter than the server only costs a reuse.
+SERVER_TAG_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]+\x7f-\xff]+(?=[ \r\n])')
+SERVER_NAME_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]\x7f-\xff]+(?=[ \r\n])')
+# Arguments, strictly: spaces, parentheses, quoted strings (RFC 3501 section 4.3: no CR,
+# LF or NUL), a literal announcement at the line end, atoms.
+TOKEN_RE = re.compile(rb' +|\(|\)|"(?:[^"\\\r\n\x00]|\\[^\r\n\x00])*"'
+                       rb'|~?\{[0-9]+\+?\}\r?\n\Z|[^\x00-\x20(){"\x7f-\xff]+')
+# RFC 7162 section 3.1: what turns CONDSTORE on without ENABLE (QRESYNC's keywords need
+# it on). A mailbox of such a name only costs a reuse.
+CONDSTORE_RE = re.compile(rb'\b(?:CONDSTORE|QRESYNC|HIGHESTMODSEQ|MODSEQ|CHANGEDSINCE|'
+                           rb'UNCHANGEDSINCE|VANISHED)\b', re.IGNORECASE)
+UPDATE_RE = re.compile(rb'\bUPDATE\b', re.IGNORECASE)
+
+# What may follow each kind of token in a strictly read argument list.
+TOKEN_AFTER = {
+    'name': 'sp', 'literal': 'sp close', 'sp': 'open atom lit', 'open': 'open atom lit close',
+    'atom': 'sp close', 'close': 'sp close atom',
+}
 
 # RFC 3501 section 9: tag = 1*<any ASTRING-CHAR except "+">; atoms exclude these.
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]\r\n') | frozenset(range(0, 32)) | {127}

@@ -17,9 +17,11 @@ answer) and marks the connection unclean. docs/isolation.md lists the rules.
 """
 from __future__ import annotations
 
-import re
 from typing import Optional, Union
 
+from .command import (ALL, COMMANDS, CONDSTORE, CONDSTORE_RE, DESELECTING, LITERAL8,
+                      NONE, SEARCHING, SELECTING, SERVER_NAME_RE, SERVER_TAG_RE, STATELESS,
+                      STICKY, TOKEN_AFTER, TOKEN_RE, UPDATE_RE)
 from .protocol import (Framer, Line, LiteralData, ProtocolError, parse_response,
                        rewrite_capabilities)
 
@@ -32,63 +34,6 @@ MAX_COMMAND_LINE = 128 * 1024
 SERVER_LINE_LIMIT = 64 * 1024
 # Literals this small are read for keywords (a search key sent as a literal).
 SMALL_LITERAL = 64
-
-# How many arguments the server reads from each command (Dovecot 2.3 and its quota and
-# ACL plugins): ALL of them, the first N (the rest of the line is skipped), or NONE (the
-# whole line is skipped). A literal announced where the server reads nothing more is
-# never read by it: its bytes are the next command.
-ALL, NONE = 0, -1
-COMMANDS = {
-    b'CAPABILITY': NONE, b'LOGOUT': NONE, b'NOOP': NONE, b'CHECK': NONE, b'CLOSE': NONE,
-    b'EXPUNGE': NONE, b'UNSELECT': NONE, b'IDLE': NONE, b'NAMESPACE': NONE,
-    b'APPEND': ALL, b'SELECT': ALL, b'EXAMINE': ALL, b'LIST': ALL, b'LSUB': ALL,
-    b'XLIST': ALL, b'FETCH': ALL, b'UID FETCH': ALL, b'SEARCH': ALL, b'UID SEARCH': ALL,
-    b'STORE': ALL, b'UID STORE': ALL, b'SORT': ALL, b'UID SORT': ALL, b'THREAD': ALL,
-    b'UID THREAD': ALL, b'ENABLE': ALL, b'ID': ALL, b'GETMETADATA': ALL, b'NOTIFY': ALL,
-    b'CANCELUPDATE': ALL, b'GENURLAUTH': ALL, b'RESETKEY': ALL, b'URLFETCH': ALL,
-    b'X-STATE': ALL, b'COMPRESS': ALL,
-    b'CREATE': 1, b'DELETE': 1, b'SUBSCRIBE': 1, b'UNSUBSCRIBE': 1, b'UID EXPUNGE': 1,
-    b'X-CANCEL': 1, b'GETQUOTAROOT': 1, b'GETQUOTA': 1, b'GETACL': 1, b'MYRIGHTS': 1,
-    b'COPY': 2, b'UID COPY': 2, b'MOVE': 2, b'UID MOVE': 2, b'RENAME': 2, b'STATUS': 2,
-    b'SETQUOTA': 2, b'LISTRIGHTS': 2, b'DELETEACL': 2, b'SETMETADATA': 2,
-    b'SETACL': 3,
-}
-# RFC 3516 section 4.3 and RFC 5464: literal8 only in APPEND and SETMETADATA values.
-LITERAL8 = frozenset((b'APPEND', b'SETMETADATA'))
-# State a fresh login does not have and that no reset undoes: NOTIFY (RFC 5465; after
-# NOTIFY NONE Dovecot even stops the FETCH replies to STORE), Dovecot's session state
-# import, search result updates (RFC 5267 section 4), and the client's own LOGOUT.
-STICKY = frozenset((b'NOTIFY', b'X-STATE', b'CANCELUPDATE', b'LOGOUT'))
-# Commands that change nothing a later command could see: before the first other one,
-# a session is not yet bound to its connection's profile.
-STATELESS = frozenset((b'ID', b'CAPABILITY', b'NOOP', b'NAMESPACE'))
-CONDSTORE = frozenset((b'CONDSTORE',))
-_SELECTING = frozenset((b'SELECT', b'EXAMINE'))
-_DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
-_SEARCHING = frozenset((b'SEARCH', b'UID SEARCH', b'SORT', b'UID SORT', b'THREAD',
-                        b'UID THREAD'))
-
-# Dovecot 2.3's tag: 1*<any ASTRING-CHAR except "+">, without "]" and 8-bit octets
-# (RFC 3501 section 9); a command name is an atom, "+" allowed. Either ends at SP or the
-# line end. 0x7F is refused here too: stricter than the server only costs a reuse.
-_TAG_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]+\x7f-\xff]+(?=[ \r\n])')
-_NAME_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]\x7f-\xff]+(?=[ \r\n])')
-# Arguments, strictly: spaces, parentheses, quoted strings (RFC 3501 section 4.3: no CR,
-# LF or NUL), a literal announcement at the line end, atoms.
-_TOKEN_RE = re.compile(rb' +|\(|\)|"(?:[^"\\\r\n\x00]|\\[^\r\n\x00])*"'
-                       rb'|~?\{[0-9]+\+?\}\r?\n\Z|[^\x00-\x20(){"\x7f-\xff]+')
-# RFC 7162 section 3.1: what turns CONDSTORE on without ENABLE (QRESYNC's keywords need
-# it on). A mailbox of such a name only costs a reuse.
-_CONDSTORE_RE = re.compile(rb'\b(?:CONDSTORE|QRESYNC|HIGHESTMODSEQ|MODSEQ|CHANGEDSINCE|'
-                           rb'UNCHANGEDSINCE|VANISHED)\b', re.IGNORECASE)
-_UPDATE_RE = re.compile(rb'\bUPDATE\b', re.IGNORECASE)
-
-# What may follow each kind of token in a strictly read argument list.
-_AFTER = {
-    'name': 'sp', 'literal': 'sp close', 'sp': 'open atom lit', 'open': 'open atom lit close',
-    'atom': 'sp close', 'close': 'sp close atom',
-}
-
 
 def enable_profile(names) -> frozenset:
     """The sticky state that ENABLE of `names` asks for, upper-cased; QRESYNC implies
@@ -223,16 +168,16 @@ class Tracker:
 
     def on_command(self, line: Line) -> Union[bytes, Held]:
         data = line.data
-        tag = _TAG_RE.match(data)
+        tag = SERVER_TAG_RE.match(data)
         if tag is None:
             # Dovecot answers `* BAD` and skips the line: nothing to wait for.
             self.doubt('invalid tag')
             return data
         pos = tag.end()
         tag = tag.group(0)
-        name = _NAME_RE.match(data, pos + 1) if data[pos:pos + 1] == b' ' else None
+        name = SERVER_NAME_RE.match(data, pos + 1) if data[pos:pos + 1] == b' ' else None
         if name is not None and name.group(0).upper() == b'UID':
-            name = (_NAME_RE.match(data, name.end() + 1)
+            name = (SERVER_NAME_RE.match(data, name.end() + 1)
                     if data[name.end():name.end() + 1] == b' ' else None)
             if name is not None:
                 name = (b'UID ' + name.group(0).upper(), name.end())
@@ -265,7 +210,7 @@ class Tracker:
             names = rest.split()
             return Held('profile', tag, name, data, names, enable_profile(names)) \
                 if names else None
-        if name not in STATELESS and _CONDSTORE_RE.search(rest):
+        if name not in STATELESS and CONDSTORE_RE.search(rest):
             return Held('profile', tag, name, data, profile=CONDSTORE)
         return None
 
@@ -288,7 +233,7 @@ class Tracker:
         elif name in STICKY:
             self.doubt(name.decode().lower())
             self.logging_out = self.logging_out or name == b'LOGOUT'
-        elif name in _SELECTING:
+        elif name in SELECTING:
             self.selecting += 1
         elif name == b'ENABLE':
             command.names = data.split()[2:]
@@ -334,7 +279,7 @@ class Tracker:
             return False
         after = 'name' if pos else 'literal'
         while True:
-            token = _TOKEN_RE.match(data, pos)
+            token = TOKEN_RE.match(data, pos)
             if token is None:
                 return False
             text = token.group(0)
@@ -342,7 +287,7 @@ class Tracker:
             kind = ('sp' if char == b' ' else 'open' if char == b'(' else
                     'close' if char == b')' else 'lit' if char in b'{~' and
                     text.endswith(b'\n') else 'atom')
-            if kind not in _AFTER[after].split():
+            if kind not in TOKEN_AFTER[after].split():
                 return False
             if kind == 'lit':
                 if char == b'~' and command.name not in LITERAL8:
@@ -377,9 +322,9 @@ class Tracker:
         # RFC 7162 section 3.1: these turn CONDSTORE on for the rest of the session, as
         # ENABLE CONDSTORE does. The connection is then cached under that profile (the
         # reset sends ENABLE CONDSTORE to make sure of it).
-        if b'CONDSTORE' not in self.profile and _CONDSTORE_RE.search(text):
+        if b'CONDSTORE' not in self.profile and CONDSTORE_RE.search(text):
             self.condstore = True
-        if command.name in _SEARCHING and _UPDATE_RE.search(text):
+        if command.name in SEARCHING and UPDATE_RE.search(text):
             self.doubt('search updates')
 
     # -- the server's side --------------------------------------------------------------
@@ -451,11 +396,11 @@ class Tracker:
             # read them as we did.
             self.doubt('BAD reply to a command with literals')
         name = command.name
-        if name in _SELECTING:
+        if name in SELECTING:
             self.selecting -= 1
             # RFC 3501 section 6.3.1: a failed SELECT leaves no mailbox selected.
             self.selected = {b'OK': True, b'NO': False}.get(status)
-        elif name in _DESELECTING and status == b'OK':
+        elif name in DESELECTING and status == b'OK':
             self.selected = False
         elif name == b'ENABLE':
             if status != b'OK':
