@@ -52,7 +52,7 @@ CONDSTORE = frozenset((b'CONDSTORE',))
 SELECTING = frozenset((b'SELECT', b'EXAMINE'))
 DESELECTING = frozenset((b'CLOSE', b'UNSELECT'))
 SEARCHING = frozenset((b'SEARCH', b'UID SEARCH', b'SORT', b'UID SORT', b'THREAD',
-                        b'UID THREAD'))
+                       b'UID THREAD'))
 
 # Dovecot 2.3's tag: 1*<any ASTRING-CHAR except "+">, without "]" and 8-bit octets
 # (RFC 3501 section 9); a command name is an atom, "+" allowed. Either ends at SP or the
@@ -62,11 +62,11 @@ SERVER_NAME_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]\x7f-\xff]+(?=[ \r\n])')
 # Arguments, strictly: spaces, parentheses, quoted strings (RFC 3501 section 4.3: no CR,
 # LF or NUL), a literal announcement at the line end, atoms.
 TOKEN_RE = re.compile(rb' +|\(|\)|"(?:[^"\\\r\n\x00]|\\[^\r\n\x00])*"'
-                       rb'|~?\{[0-9]+\+?\}\r?\n\Z|[^\x00-\x20(){"\x7f-\xff]+')
+                      rb'|~?\{[0-9]+\+?\}\r?\n\Z|[^\x00-\x20(){"\x7f-\xff]+')
 # RFC 7162 section 3.1: what turns CONDSTORE on without ENABLE (QRESYNC's keywords need
 # it on). A mailbox of such a name only costs a reuse.
 CONDSTORE_RE = re.compile(rb'\b(?:CONDSTORE|QRESYNC|HIGHESTMODSEQ|MODSEQ|CHANGEDSINCE|'
-                           rb'UNCHANGEDSINCE|VANISHED)\b', re.IGNORECASE)
+                          rb'UNCHANGEDSINCE|VANISHED)\b', re.IGNORECASE)
 UPDATE_RE = re.compile(rb'\bUPDATE\b', re.IGNORECASE)
 
 # What may follow each kind of token in a strictly read argument list.

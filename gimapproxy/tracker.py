@@ -35,6 +35,7 @@ SERVER_LINE_LIMIT = 64 * 1024
 # Literals this small are read for keywords (a search key sent as a literal).
 SMALL_LITERAL = 64
 
+
 def enable_profile(names) -> frozenset:
     """The sticky state that ENABLE of `names` asks for, upper-cased; QRESYNC implies
     CONDSTORE (RFC 7162 section 3.2.3)."""
