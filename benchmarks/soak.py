@@ -162,6 +162,12 @@ def main():
           '(of which cached server connections %d, active clients %d)'
           % (start[0], end[0], end[1], start[2], end[2], cached,
              stats['clients']['current']))
+    backends, logins = stats['backend_connections'], stats['logins']
+    print('logins: new=%d reused=%d failed=%d %s' % (
+        logins['new'], logins['reused'], logins['failed'],
+        logins.get('failed_by_reason') or ''))
+    print('not reusable, by reason: %s' % (backends.get('not_reusable_by_reason') or '-'))
+    print('closed, by reason: %s' % backends['closed_by_reason'])
     return 1 if lost or duplicated or tally.foreign else 0
 
 
