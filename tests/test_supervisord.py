@@ -67,6 +67,26 @@ def test_supervisord_accepts_the_shipped_file(tmp_path):
     assert program.stopwaitsecs == int(shipped_program()['stopwaitsecs'])
 
 
+def test_supervisord_accepts_the_several_processes_example(tmp_path):
+    """etc/supervisord-multi.conf: two processes of the shipped program, one log each."""
+    pytest.importorskip('supervisor')
+    from supervisor.options import ServerOptions
+    multi = os.path.join(REPO, 'etc', 'supervisord-multi.conf')
+    main = tmp_path / 'supervisord.conf'
+    main.write_text('[supervisord]\nlogfile=%s\npidfile=%s\n[include]\nfiles=%s\n'
+                    % (tmp_path / 'supervisord.log', tmp_path / 'supervisord.pid', multi))
+    options = ServerOptions()
+    options.realize(['-c', str(main)])
+    [group] = options.process_group_configs
+    programs = group.process_configs
+    assert [p.name for p in programs] == ['gimapproxy-0', 'gimapproxy-1']
+    assert {p.command for p in programs} == {shipped_program()['command']}
+    assert len({p.stdout_logfile for p in programs}) == 2
+    for program in programs:
+        assert program.stopsignal == signal.SIGTERM
+        assert program.stopwaitsecs == int(shipped_program()['stopwaitsecs'])
+
+
 def wait_for(predicate, what: str, timeout: float = TIMEOUT, interval: float = 0.1):
     """Return predicate()'s first true value; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
