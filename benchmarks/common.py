@@ -182,6 +182,20 @@ def proc_cpu_rss(pid):
     return cpu, (rss[0] if rss else 0)
 
 
+def task_wait(pid):
+    """Return the seconds that the threads of `pid` alive now have spent runnable but
+    waiting for a CPU (the second field of /proc/PID/task/*/schedstat), or None where
+    schedstat is missing."""
+    total, task_dir = 0, '/proc/%d/task' % pid
+    for tid in os.listdir(task_dir):
+        try:
+            with open(os.path.join(task_dir, tid, 'schedstat')) as f:
+                total += int(f.read().split()[1])
+        except FileNotFoundError:
+            return None
+    return total / 1e9
+
+
 def task_cpu(pid):
     """Return the CPU seconds used so far by all threads of `pid`, from
     /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat counts 10 ms ticks, too

@@ -32,7 +32,7 @@ from benchmarks.common import (HOST, Dovecot, build_tool, find_imapload,  # noqa
                                finish_imapload, fmt, free_port, log,
                                missing_for_benchmark, on_signal, proc_cpu_rss,
                                start_imapload, start_proxy, stop_process,
-                               task_cpu, wait_greeting)
+                               task_cpu, task_wait, wait_greeting)
 from tests.backends import TLS_HOST, dovecot_binary, make_message  # noqa: E402
 
 # The table's columns. 'up' is Debian's up-imapproxy as shipped, 'upnd' the same with
@@ -191,8 +191,12 @@ def run_scenario(bench, scenario, endpoint, rnd):
     mode, options = timed(bench, scenario)
     count_logins = endpoint == 'proxy' and mode == 'cycle'
     before = bench.dovecot.settled_login_count() if count_logins else 0
+    # gimapproxy's one thread: how long it was runnable but waited for a CPU.
+    waits = endpoint.startswith('proxy') and [task_wait(pid) for pid in bench.all_pids[endpoint]]
     r = imapload(bench, mode, bench.ports[endpoint], options, bench.pids.get(endpoint),
                  bench.cpu.get(endpoint))
+    if waits and None not in waits:
+        r['runq_wait_s'] = sum(task_wait(pid) for pid in bench.all_pids[endpoint]) - sum(waits)
     if count_logins:
         r['dovecot_logins'] = bench.dovecot.settled_login_count() - before
     r.update(scenario=scenario, endpoint=endpoint, round=rnd)
@@ -496,10 +500,12 @@ class Bench:
     def __init__(self, args, imapload_path, dovecot):
         self.args, self.imapload, self.dovecot = args, imapload_path, dovecot
         self.ports, self.pids, self.cpu = {'direct': dovecot.port}, {}, {}
+        self.all_pids = {}
 
     def add(self, endpoint, port, pids, threads_come_and_go=False):
         """Register an endpoint: its port, and the processes whose CPU it uses."""
         self.ports[endpoint], self.pids[endpoint] = port, pids[0]
+        self.all_pids[endpoint] = pids
         self.cpu[endpoint] = cpu_reader(pids, threads_come_and_go)
 
 
@@ -683,6 +689,12 @@ def add_notes(report):
     share = max(r['loadgen_cpu_s'] / r['wall_s'] for r in runs)
     notes.append('imapload used at most %.0f%% of one core in any run (one thread: near '
                  '100%% it would be the bottleneck)' % (100 * share))
+    waits = [r['runq_wait_s'] / r['wall_s'] for r in runs
+             if r['endpoint'] == 'proxy' and r['scenario'] == 'cycle16' and 'runq_wait_s' in r]
+    if waits:
+        notes.append('gimapproxy (one thread) was runnable but waiting for a CPU %.0f%% of the '
+                     'time in its 16-client cycle runs (median; from schedstat)'
+                     % (100 * statistics.median(waits)))
     notes.append('the machine was %.0f%% busy during the runs (median, all cores, this '
                  'benchmark included)' % (100 * statistics.median(r['sys_busy'] for r in runs)))
     if not report['scale']['held_through']:
