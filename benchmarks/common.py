@@ -182,29 +182,29 @@ def proc_cpu_rss(pid):
     return cpu, (rss[0] if rss else 0)
 
 
-def task_wait(pid):
-    """Return the seconds that the threads of `pid` alive now have spent runnable but
-    waiting for a CPU (the second field of /proc/PID/task/*/schedstat), or None where
-    schedstat is missing."""
+def schedstat(pid, field):
+    """Return the sum of field `field` of /proc/PID/task/*/schedstat over the threads
+    of `pid` alive now, in seconds (0: on a CPU, 1: runnable but waiting for one), or
+    None where schedstat is missing."""
     total, task_dir = 0, '/proc/%d/task' % pid
     for tid in os.listdir(task_dir):
         try:
             with open(os.path.join(task_dir, tid, 'schedstat')) as f:
-                total += int(f.read().split()[1])
+                total += int(f.read().split()[field])
         except FileNotFoundError:
             return None
     return total / 1e9
+
+
+def task_wait(pid):
+    """Return the seconds that the threads of `pid` have spent runnable but waiting for
+    a CPU, or None where schedstat is missing."""
+    return schedstat(pid, 1)
 
 
 def task_cpu(pid):
     """Return the CPU seconds used so far by all threads of `pid`, from
     /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat counts 10 ms ticks, too
     coarse for the relay), or from /proc/PID/stat where schedstat is missing."""
-    total, task_dir = 0, '/proc/%d/task' % pid
-    for tid in os.listdir(task_dir):
-        try:
-            with open(os.path.join(task_dir, tid, 'schedstat')) as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:
-            return proc_cpu_rss(pid)[0]
-    return total / 1e9
+    cpu = schedstat(pid, 0)
+    return proc_cpu_rss(pid)[0] if cpu is None else cpu

@@ -49,16 +49,22 @@ def test_shipped_settings():
     assert int(program['stopwaitsecs']) >= shutdown_timeout + 5
 
 
-def test_supervisord_accepts_the_shipped_file(tmp_path):
-    """supervisord's own parser takes the file as shipped, included from conf.d."""
+def supervisord_groups(tmp_path, program_file: str) -> list:
+    """The process groups that supervisord's own parser makes of `program_file`,
+    included from conf.d as Debian's supervisor does."""
     pytest.importorskip('supervisor')
     from supervisor.options import ServerOptions
     main = tmp_path / 'supervisord.conf'
     main.write_text('[supervisord]\nlogfile=%s\npidfile=%s\n[include]\nfiles=%s\n'
-                    % (tmp_path / 'supervisord.log', tmp_path / 'supervisord.pid', SHIPPED))
+                    % (tmp_path / 'supervisord.log', tmp_path / 'supervisord.pid', program_file))
     options = ServerOptions()
     options.realize(['-c', str(main)])
-    [group] = options.process_group_configs
+    return options.process_group_configs
+
+
+def test_supervisord_accepts_the_shipped_file(tmp_path):
+    """supervisord's own parser takes the file as shipped, included from conf.d."""
+    [group] = supervisord_groups(tmp_path, SHIPPED)
     [program] = group.process_configs
     assert program.name == 'gimapproxy'
     assert program.command == shipped_program()['command']
@@ -69,15 +75,7 @@ def test_supervisord_accepts_the_shipped_file(tmp_path):
 
 def test_supervisord_accepts_the_several_processes_example(tmp_path):
     """etc/supervisord-multi.conf: two processes of the shipped program, one log each."""
-    pytest.importorskip('supervisor')
-    from supervisor.options import ServerOptions
-    multi = os.path.join(REPO, 'etc', 'supervisord-multi.conf')
-    main = tmp_path / 'supervisord.conf'
-    main.write_text('[supervisord]\nlogfile=%s\npidfile=%s\n[include]\nfiles=%s\n'
-                    % (tmp_path / 'supervisord.log', tmp_path / 'supervisord.pid', multi))
-    options = ServerOptions()
-    options.realize(['-c', str(main)])
-    [group] = options.process_group_configs
+    [group] = supervisord_groups(tmp_path, os.path.join(REPO, 'etc', 'supervisord-multi.conf'))
     programs = group.process_configs
     assert [p.name for p in programs] == ['gimapproxy-0', 'gimapproxy-1']
     assert {p.command for p in programs} == {shipped_program()['command']}
