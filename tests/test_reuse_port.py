@@ -1,6 +1,7 @@
 """reuse_port: several proxies share one listening port (SO_REUSEPORT), each serving
 logins with its own cache, as several processes do under etc/gimapproxy@.service."""
 import errno
+import socket
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_without_reuse_port_the_second_proxy_cannot_bind(dovecot):
 def test_a_listener_bound_by_the_embedder_is_used_as_it_is(dovecot):
     """An application that binds its own socket (here with SO_REUSEPORT, by the same
     helper) hands it over; reuse_port changes nothing about it."""
-    sock = tcp_listener(('127.0.0.1', 0), LISTEN_BACKLOG, 2, reuse_port=True)
+    sock = tcp_listener(('127.0.0.1', 0), LISTEN_BACKLOG, socket.AF_INET, reuse_port=True)
     port = sock.getsockname()[1]
     proxy = ProxyServer(config(dovecot, 0, reuse_port='yes'), listener=sock)
     proxy.start()
