@@ -197,8 +197,8 @@ class ProxyServer(Listener):
         log.info('listening: address=%s:%d tls_port=%s reuse_port=%s server=%s:%d '
                  'server_tls=%s cache_size=%d', self.address[0], self.address[1],
                  self.tls_listener.server_port if self.tls_listener else '-',
-                 'yes' if self.reuse_port else 'no', self.config.server_hostname, self.config.server_port,
-                 self.config.server_tls, self.config.cache_size)
+                 'yes' if self.reuse_port else 'no', self.config.server_hostname,
+                 self.config.server_port, self.config.server_tls, self.config.cache_size)
         for host, _ in self.config.servers:
             if self.config.server_tls == 'off' and not _is_loopback(host):
                 log.warning('server_tls is off: passwords cross the network in clear text '
