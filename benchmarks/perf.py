@@ -187,7 +187,8 @@ def timed(bench, scenario):
 
 def run_scenario(bench, scenario, endpoint, rnd):
     """One timed run of `scenario` against `endpoint`; return imapload's result, tagged.
-    Proxy cycle runs also get 'dovecot_logins': the Dovecot logins they caused."""
+    Proxy cycle runs also get 'dovecot_logins': the Dovecot logins they caused; runs of
+    gimapproxy get 'runq_wait_s': how long its threads were runnable but had no CPU."""
     mode, options = timed(bench, scenario)
     count_logins = endpoint == 'proxy' and mode == 'cycle'
     before = bench.dovecot.settled_login_count() if count_logins else 0
