@@ -61,13 +61,16 @@ def wait_greeting(port, proc, timeout=15.0):
 def start_proxy(workdir, server_port, settings):
     """Start bin/gimapproxy on a free port in front of 127.0.0.1:`server_port`.
 
-    `settings` (key -> value) are added to the ini; everything else keeps the proxy's
+    `settings` (key -> value) are added to the ini (listen_port and server_hostname
+    too, when given there); everything else keeps the proxy's
     defaults, except log_level = warning, cache_expiration_time = 3600 and
     shutdown_timeout = 2. Returns (Popen, port, log path) once the proxy greets; raises
     RuntimeError with the end of its log if it does not within 15 s.
     """
-    port = free_port()
-    ini = os.path.join(workdir, 'proxy-%d.ini' % port)
+    port = int(settings.get('listen_port') or free_port())
+    ini, n = os.path.join(workdir, 'proxy-%d.ini' % port), 1
+    while os.path.exists(ini):                  # another process on the port (reuse_port)
+        ini, n = os.path.join(workdir, 'proxy-%d-%d.ini' % (port, n)), n + 1
     values = {'listen_address': HOST, 'listen_port': port, 'server_hostname': HOST,
               'server_port': server_port, 'cache_expiration_time': 3600,
               'shutdown_timeout': 2, 'log_level': 'warning'}
@@ -97,9 +100,10 @@ def stop_process(proc):
         proc.wait()
 
 
-def build_tool(name):
-    """Return the path of the C tool `name` (imapload, relay), or None after logging why
-    not (no gcc, or it did not compile).
+def build_tool(name, shared=False):
+    """Return the path of the C tool `name` (imapload, relay; with `shared`, the
+    LD_PRELOAD library nodelay), or None after logging why not (no gcc, or it did not
+    compile).
 
     benchmarks/tools/<name>.c is built with gcc -O2 into $TMPDIR/gimapproxy-bench-<uid>/,
     under a name that carries a hash of the source, so a changed source is built again
@@ -113,12 +117,14 @@ def build_tool(name):
     with open(src, 'rb') as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     cache = os.path.join(tempfile.gettempdir(), 'gimapproxy-bench-%d' % os.getuid())
-    binary = os.path.join(cache, '%s-%s' % (name, digest))
+    binary = os.path.join(cache, '%s-%s%s' % (name, digest, '.so' if shared else ''))
     if os.access(binary, os.X_OK):
         return binary
     os.makedirs(cache, exist_ok=True)
     tmp = '%s.%d' % (binary, os.getpid())     # then renamed: parallel builds don't clash
-    out = subprocess.run([gcc, '-O2', '-o', tmp, src], capture_output=True, text=True)
+    flags = ['-shared', '-fPIC'] if shared else []
+    out = subprocess.run([gcc, '-O2'] + flags + ['-o', tmp, src] + (['-ldl'] if shared else []),
+                         capture_output=True, text=True)
     if out.returncode != 0:
         log('building %s failed:\n%s' % (name, out.stderr[-1500:]))
         return None
@@ -176,15 +182,29 @@ def proc_cpu_rss(pid):
     return cpu, (rss[0] if rss else 0)
 
 
-def task_cpu(pid):
-    """Return the CPU seconds used so far by all threads of `pid`, from
-    /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat counts 10 ms ticks, too
-    coarse for the relay), or from /proc/PID/stat where schedstat is missing."""
+def schedstat(pid, field):
+    """Return the sum of field `field` of /proc/PID/task/*/schedstat over the threads
+    of `pid` alive now, in seconds (0: on a CPU, 1: runnable but waiting for one), or
+    None where schedstat is missing."""
     total, task_dir = 0, '/proc/%d/task' % pid
     for tid in os.listdir(task_dir):
         try:
             with open(os.path.join(task_dir, tid, 'schedstat')) as f:
-                total += int(f.read().split()[0])
+                total += int(f.read().split()[field])
         except FileNotFoundError:
-            return proc_cpu_rss(pid)[0]
+            return None
     return total / 1e9
+
+
+def task_wait(pid):
+    """Return the seconds that the threads of `pid` have spent runnable but waiting for
+    a CPU, or None where schedstat is missing."""
+    return schedstat(pid, 1)
+
+
+def task_cpu(pid):
+    """Return the CPU seconds used so far by all threads of `pid`, from
+    /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat counts 10 ms ticks, too
+    coarse for the relay), or from /proc/PID/stat where schedstat is missing."""
+    cpu = schedstat(pid, 0)
+    return proc_cpu_rss(pid)[0] if cpu is None else cpu

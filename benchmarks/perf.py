@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Measure Dovecot directly, through a plain C relay and through gimapproxy, in one run.
 
-Starts two throwaway Dovecots, the relay (benchmarks/tools/relay.c) and bin/gimapproxy,
-drives them with benchmarks/tools/imapload.c (both built with gcc on first use),
-alternates the endpoints round by round, and prints one table: the median per endpoint,
-the ratios, the target and PASS/FAIL. The exit status is 0 whenever it ran (FAIL rows
-too) and 2 when it could not. benchmarks/README.md says how each row is measured.
+Starts throwaway Dovecots (one with STARTTLS), the relay (benchmarks/tools/relay.c),
+Debian's up-imapproxy with and without TCP_NODELAY (benchmarks/tools/nodelay.c
+preloaded), bin/gimapproxy (also as two processes sharing a port with reuse_port), drives
+them with benchmarks/tools/imapload.c (all built with gcc on first use), alternates the
+endpoints round by round, and prints one table (the median per endpoint, the ratios, the
+target and PASS/FAIL) and the performance goals, each PASS or MISS with its ratio. The
+exit status is 0 whenever it ran (FAIL and MISS too) and 2 when it could not.
+benchmarks/README.md says how each row is measured.
 """
 import argparse
 import contextlib
@@ -24,14 +27,25 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import goals, upimapproxy  # noqa: E402
 from benchmarks.common import (HOST, Dovecot, build_tool, find_imapload,  # noqa: E402
                                finish_imapload, fmt, free_port, log,
-                               missing_for_benchmark, on_signal,
+                               missing_for_benchmark, on_signal, proc_cpu_rss,
                                start_imapload, start_proxy, stop_process,
-                               task_cpu, wait_greeting)
-from tests.backends import dovecot_binary, make_message  # noqa: E402
+                               task_cpu, task_wait, wait_greeting)
+from tests.backends import TLS_HOST, dovecot_binary, make_message  # noqa: E402
 
-ENDPOINTS = ('direct', 'relay', 'proxy')
+# The table's columns. 'up' is Debian's up-imapproxy as shipped, 'upnd' the same with
+# TCP_NODELAY preloaded. The TLS pair ('upnd_tls', 'proxy_tls': STARTTLS to the server)
+# and 'proxy2' (two gimapproxy processes sharing the port) have rows of their own.
+ENDPOINTS = ('direct', 'relay', 'up', 'upnd', 'proxy')
+COLUMNS = {'direct': 'direct', 'relay': 'relay', 'up': 'up-imapprx', 'upnd': 'up+ND',
+           'proxy': 'proxy'}
+PLAIN = ENDPOINTS
+# Which endpoints each scenario runs against (those that are up).
+SCENARIO_ENDPOINTS = {'cycle1': PLAIN, 'cycle16': PLAIN + ('upnd_tls', 'proxy_tls', 'proxy2'),
+                      'noop': PLAIN, 'bulk': PLAIN + ('upnd_tls', 'proxy_tls')}
+PROXIES = ('proxy', 'proxy_tls', 'proxy2')     # gimapproxy endpoints, for the error count
 USERS = 20                                   # user1..user20 / secret1..secret20
 BULK_USER = 'bulk1'                          # password secret1; messages 56 and 57 are big
 BIG_MESSAGE = 5 * 1024 * 1024
@@ -108,15 +122,18 @@ def raise_file_limit():
         return soft
 
 
-def add_bulk_mail(dovecot):
-    """Give BULK_USER 57 messages: the harness's 20, 35 small ones, then two of 5 MiB."""
+def add_bulk_mail(dovecot, context=None):
+    """Give BULK_USER 57 messages: the harness's 20, 35 small ones, then two of 5 MiB.
+    With `context` (an ssl.SSLContext) the check logs in after STARTTLS."""
     for i in range(21, 56):
         dovecot.add_message(BULK_USER, make_message(BULK_USER, i))
     body = (b'%075d\n' % 0) * (BIG_MESSAGE // 76)
     for i in (56, 57):
         dovecot.add_message(BULK_USER, make_message(BULK_USER, i) + body)
-    imap = imaplib.IMAP4(HOST, dovecot.port)
+    imap = imaplib.IMAP4(dovecot.host, dovecot.port)
     try:
+        if context is not None:
+            imap.starttls(context)
         imap.login(BULK_USER, 'secret1')
         count = int(imap.select('INBOX')[1][0])
         sizes = imap.fetch('56:57', '(RFC822.SIZE)')[1]
@@ -140,14 +157,25 @@ def start_relay(tool, target_port, workdir):
 
 # --- measuring ---------------------------------------------------------------------
 
-def imapload(bench, mode, port, options, pid=None):
-    """Run imapload to the end; return its result, with `pid`'s CPU seconds during the
-    run as 'cpu_s' when `pid` is given."""
-    cpu0 = task_cpu(pid) if pid else 0
+def imapload(bench, mode, port, options, pid=None, cpu=None):
+    """Run imapload to the end (reporting `pid`'s RSS); return its result, with the CPU
+    seconds that `cpu()` counted during the run as 'cpu_s' when `cpu` is given."""
+    cpu0 = cpu() if cpu else 0
     result = finish_imapload(start_imapload(bench.imapload, mode, port, options, pid))
-    if pid:
-        result['cpu_s'] = task_cpu(pid) - cpu0
+    if cpu:
+        result['cpu_s'] = cpu() - cpu0
     return result
+
+
+def cpu_reader(pids, threads_come_and_go=False):
+    """A function returning the CPU seconds used so far by the processes `pids`.
+
+    Per-thread schedstat (ns) is exact but forgets threads that have exited, and
+    up-imapproxy runs a thread per client; for it /proc/PID/stat (10 ms ticks, exited
+    threads included) is the right count."""
+    if threads_come_and_go:
+        return lambda: sum(proc_cpu_rss(pid)[0] for pid in pids)
+    return lambda: sum(task_cpu(pid) for pid in pids)
 
 
 def timed(bench, scenario):
@@ -159,16 +187,22 @@ def timed(bench, scenario):
 
 def run_scenario(bench, scenario, endpoint, rnd):
     """One timed run of `scenario` against `endpoint`; return imapload's result, tagged.
-    Proxy cycle runs also get 'dovecot_logins': the Dovecot logins they caused."""
+    Proxy cycle runs also get 'dovecot_logins': the Dovecot logins they caused; runs of
+    gimapproxy get 'runq_wait_s': how long its threads were runnable but had no CPU."""
     mode, options = timed(bench, scenario)
     count_logins = endpoint == 'proxy' and mode == 'cycle'
     before = bench.dovecot.settled_login_count() if count_logins else 0
-    r = imapload(bench, mode, bench.ports[endpoint], options, bench.pids.get(endpoint))
+    # gimapproxy's one thread: how long it was runnable but waited for a CPU.
+    waits = endpoint.startswith('proxy') and [task_wait(pid) for pid in bench.all_pids[endpoint]]
+    r = imapload(bench, mode, bench.ports[endpoint], options, bench.pids.get(endpoint),
+                 bench.cpu.get(endpoint))
+    if waits and None not in waits:
+        r['runq_wait_s'] = sum(task_wait(pid) for pid in bench.all_pids[endpoint]) - sum(waits)
     if count_logins:
         r['dovecot_logins'] = bench.dovecot.settled_login_count() - before
     r.update(scenario=scenario, endpoint=endpoint, round=rnd)
     key, unit = HEADLINE[mode]
-    log('round %d/%d  %-7s  %-6s  %9.1f %-8s  %d errors %s' % (
+    log('round %d/%d  %-7s  %-9s  %9.1f %-8s  %d errors %s' % (
         rnd, bench.args.rounds, scenario, endpoint, r[key], unit, r['errors_all'],
         r['last_error']))
     return r
@@ -309,10 +343,12 @@ def scale(bench, dovecot, port, pid, sessions):
 # --- report ------------------------------------------------------------------------
 
 def medians(runs, scenario, value):
-    """{endpoint: median of value(run)} over the runs of `scenario`."""
+    """{endpoint: median of value(run)} over the runs of `scenario`, for each endpoint
+    that ran it (value(run) None: left out)."""
     out = {}
-    for endpoint in ENDPOINTS:
+    for endpoint in dict.fromkeys(r['endpoint'] for r in runs):
         values = [value(r) for r in runs if r['scenario'] == scenario and r['endpoint'] == endpoint]
+        values = [v for v in values if v is not None]
         if values:
             out[endpoint] = statistics.median(values)
     return out
@@ -321,6 +357,17 @@ def medians(runs, scenario, value):
 def ratio(a, b):
     """a / b, or None when either is missing or b is 0."""
     return a / b if a is not None and b else None
+
+
+def cpu_us(per):
+    """A function of a run: the endpoint's CPU microseconds per `per` (cycle, NOOP) of
+    all the run's exchanges, warmup included, or None when its CPU was not read."""
+    return lambda r: 1e6 * r['cpu_s'] / max(r['done_all'], 1) if 'cpu_s' in r else None
+
+
+def pick(values, columns):
+    """{column: values[endpoint]} for (endpoint, column) in `columns`, those present."""
+    return {column: values[e] for e, column in columns if e in values}
 
 
 def make_rows(res):
@@ -334,7 +381,7 @@ def make_rows(res):
 
     runs = res['runs']
     for name, scenario, field, other, low, high, target in COMPARISONS:
-        v = medians(runs, scenario, lambda r: r[field])
+        v = pick(medians(runs, scenario, lambda r: r[field]), [(e, e) for e in ENDPOINTS])
         x = ratio(v.get('proxy'), v.get(other))
         ok = x is not None and (low is None or x >= low) and (high is None or x <= high)
         row(name, v, target, ok, x, 'px/' + other)
@@ -344,12 +391,35 @@ def make_rows(res):
     row('Dovecot logins per 1,000 cycles, warm', {'proxy': per_1k}, '<= 1',
         per_1k is not None and per_1k <= 1, spec='.2f')
     for clients in (1, 16):
-        v = medians([r for r in runs if 'cpu_s' in r], 'cycle%d' % clients,
-                    lambda r: 1e6 * r['cpu_s'] / max(r['done_all'], 1))
+        v = pick(medians(runs, 'cycle%d' % clients, cpu_us('cycle')),
+                 [(e, e) for e in ENDPOINTS])
         ok = None not in (v.get('proxy'), v.get('relay'))
         ok = ok and v['proxy'] <= 270 and v['proxy'] <= v['relay']
         row('CPU us per cycle, %d client%s' % (clients, 's' if clients > 1 else ''), v,
             '<= 270 and <= relay', ok, ratio(v.get('proxy'), v.get('relay')), 'px/relay', '.0f')
+    v = pick(medians(runs, 'noop', cpu_us('noop')), [(e, e) for e in ENDPOINTS])
+    row('CPU us per NOOP', v, ratio_value=ratio(v.get('proxy'), v.get('relay')),
+        ratio_of='px/relay')
+    # STARTTLS to the server: up-imapproxy+ND with force_tls in its column, the proxy
+    # with server_tls = starttls in its own.
+    tls = (('upnd_tls', 'upnd'), ('proxy_tls', 'proxy'))
+    for name, scenario, value, spec in (
+            ('STARTTLS: cycles/s, 16 clients', 'cycle16', lambda r: r['rate'], '.1f'),
+            ('STARTTLS: CPU us per cycle, 16 clients', 'cycle16', cpu_us('cycle'), '.0f'),
+            ('STARTTLS: 10 MiB FETCH, MB/s', 'bulk', lambda r: r['mb_per_s'], '.1f')):
+        v = pick(medians(runs, scenario, value), tls)
+        if v:
+            row(name, v, ratio_value=ratio(v.get('proxy'), v.get('upnd')), ratio_of='px/up+ND',
+                spec=spec)
+    one = medians(runs, 'cycle16', lambda r: r['rate']).get('proxy')
+    one_cpu = medians(runs, 'cycle16', cpu_us('cycle')).get('proxy')
+    two = medians(runs, 'cycle16', lambda r: r['rate']).get('proxy2')
+    if two is not None:
+        row('2 processes, reuse_port: cycles/s, 16 cl', {'proxy': two},
+            ratio_value=ratio(two, one), ratio_of='vs 1 process')
+        two_cpu = medians(runs, 'cycle16', cpu_us('cycle')).get('proxy2')
+        row('2 processes: CPU us per cycle, 16 cl', {'proxy': two_cpu},
+            ratio_value=ratio(two_cpu, one_cpu), ratio_of='vs 1 process', spec='.0f')
     idle = res['idle']
     v = {e: idle[e]['kb_per_session'] for e in ('relay', 'proxy')}
     row('kB per idle session, %d sessions' % idle['sessions'], v, '<= 32',
@@ -383,16 +453,16 @@ def print_report(report):
     print('dovecot %s: comparisons with one imap process per session and %s imap-login '
           'mode; idle and scale with 1000 sessions per imap process'
           % (s['dovecot_version'], s['dovecot_login']))
-    print('\n%-38s %9s %9s %9s  %-17s %-20s %s' % ('scenario (median over rounds)', 'direct',
-                                                  'relay', 'proxy', 'ratio', 'target',
-                                                  'result'))
+    line = '%-40s' + ' %10s' * len(ENDPOINTS) + '  %-18s %-20s %s'
+    print('\n' + line % ('scenario (median over rounds)', *COLUMNS.values(), 'ratio',
+                         'target', 'result'))
     for row in report['rows']:
         cells = [fmt(row['values'].get(e), row['spec']) if e in row['values'] else ''
                  for e in ENDPOINTS]
         ratio_text = ('%.2f %s' % (row['ratio'], row['ratio_of'])) if row['ratio'] else ''
         result = {True: 'PASS', False: 'FAIL', None: ''}[row['pass']]
-        print('%-38s %9s %9s %9s  %-17s %-20s %s' % (row['scenario'], *cells, ratio_text,
-                                                    row['target'], result))
+        print(line % (row['scenario'], *cells, ratio_text, row['target'], result))
+    print('\n' + goals.format_goals(report['goals']))
     for note in report['notes']:
         print('NOTE: ' + note)
 
@@ -426,11 +496,18 @@ def parse_args(argv=None):
 
 class Bench:
     """What the runs need: the options, imapload, the comparison Dovecot (for its login
-    count), and the port and PID (relay, proxy) of each endpoint."""
+    count), and the port, PID and CPU reader of each endpoint."""
 
     def __init__(self, args, imapload_path, dovecot):
         self.args, self.imapload, self.dovecot = args, imapload_path, dovecot
-        self.ports, self.pids = {'direct': dovecot.port}, {}
+        self.ports, self.pids, self.cpu = {'direct': dovecot.port}, {}, {}
+        self.all_pids = {}
+
+    def add(self, endpoint, port, pids, threads_come_and_go=False):
+        """Register an endpoint: its port, and the processes whose CPU it uses."""
+        self.ports[endpoint], self.pids[endpoint] = port, pids[0]
+        self.all_pids[endpoint] = pids
+        self.cpu[endpoint] = cpu_reader(pids, threads_come_and_go)
 
 
 def log_problems(proxy_logs, dovecots):
@@ -447,6 +524,109 @@ def log_problems(proxy_logs, dovecots):
     return {name: {'count': len(lines), 'last': lines[-5:]} for name, lines in found.items()}
 
 
+def listening_sockets(port):
+    """How many TCP sockets listen on 127.0.0.1:`port` (from /proc/net/tcp)."""
+    with open('/proc/net/tcp') as f:
+        return sum(1 for line in f.readlines()[1:]
+                   if line.split()[1] == '0100007F:%04X' % port and line.split()[3] == '0A')
+
+
+def start_pair(stack, workdir, server_port, settings):
+    """Start two gimapproxy processes with reuse_port = yes on one free port; return
+    (port, [pid, pid], [log, log]) once both listen."""
+    port = free_port()
+    settings = dict(settings, reuse_port='yes', listen_port=port)
+    pids, logs = [], []
+    for count in (1, 2):
+        proc, _, log_path = start_proxy(workdir, server_port, settings)
+        stack.callback(stop_process, proc)
+        deadline = time.monotonic() + 15
+        while listening_sockets(port) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if listening_sockets(port) < count:
+            raise RuntimeError('gimapproxy with reuse_port: %d sockets on port %d, not %d'
+                               % (listening_sockets(port), port, count))
+        pids.append(proc.pid)
+        logs.append(log_path)
+    return port, pids, logs
+
+
+def start_tls_pair(stack, bench, workdir, users, shim):
+    """The STARTTLS pair: a Dovecot that requires TLS (tests/tlsutil's test CA), then
+    up-imapproxy+ND with force_tls yes and gimapproxy with server_tls = starttls in front
+    of it, both verifying its certificate; registers 'upnd_tls' and 'proxy_tls'. Returns
+    the proxy's log, or None (after a note in bench.skipped) when the test CA cannot be
+    made."""
+    try:
+        from tests.tlsutil import TestPKI
+    except ImportError as exc:
+        reason = 'the test CA needs trustme (pip install trustme): %s' % exc
+        bench.skipped.update(upnd_tls=reason, proxy_tls=reason)
+        return None
+    pki = TestPKI(os.path.join(workdir, 'pki'))
+    dovecot = Dovecot(users=dict(users, **{BULK_USER: 'secret1'}), tls=pki.server_tls,
+                      extra_conf=LOGIN_CONF if bench.args.fast_login else COMPARE_CONF)
+    stack.callback(dovecot.stop)
+    dovecot.start()
+    add_bulk_mail(dovecot, pki.client_context())
+    if shim is not None:
+        proc, port, _ = upimapproxy.start(workdir, TLS_HOST, dovecot.port, shim,
+                                          force_tls=True, ca_file=pki.ca_file)
+        stack.callback(stop_process, proc)
+        bench.add('upnd_tls', port, [proc.pid], threads_come_and_go=True)
+    proc, port, log_path = start_proxy(workdir, dovecot.port, dict(
+        PROXY_SETTINGS, server_hostname=TLS_HOST, server_tls='starttls',
+        tls_ca_file=pki.ca_file))
+    stack.callback(stop_process, proc)
+    bench.add('proxy_tls', port, [proc.pid])
+    log('tls dovecot pid %d %s:%d; up-imapproxy+ND port %s; gimapproxy port %d' % (
+        dovecot.pid, TLS_HOST, dovecot.port, bench.ports.get('upnd_tls', '-'), port))
+    return log_path
+
+
+def start_peers(stack, bench, workdir, relay_path, users):
+    """Start every endpoint but Dovecot itself (already in bench): the relay, gimapproxy,
+    and, unless --quick, up-imapproxy with and without the TCP_NODELAY shim, the
+    STARTTLS pair and the two gimapproxy processes sharing a port. An endpoint that
+    cannot run gets its reason in bench.skipped. Returns the gimapproxy log files."""
+    compare, args = bench.dovecot, bench.args
+    relay, port = start_relay(relay_path, compare.port, workdir)
+    stack.callback(stop_process, relay)
+    bench.add('relay', port, [relay.pid])
+    proxy, port, proxy_log = start_proxy(workdir, compare.port, PROXY_SETTINGS)
+    stack.callback(stop_process, proxy)
+    bench.add('proxy', port, [proxy.pid])
+    logs = [proxy_log]
+    if args.quick:
+        reason = 'skipped by --quick (a full run measures them)'
+        bench.skipped.update(up=reason, upnd=reason, upnd_tls=reason, proxy_tls=reason,
+                             proxy2=reason)
+        return logs
+    shim = None
+    if upimapproxy.missing():
+        bench.skipped.update(up=upimapproxy.missing(), upnd=upimapproxy.missing(),
+                             upnd_tls=upimapproxy.missing())
+    else:
+        shim = build_tool('nodelay', shared=True)
+        if shim is None:
+            bench.skipped.update(upnd='benchmarks/tools/nodelay.c did not build',
+                                 upnd_tls='benchmarks/tools/nodelay.c did not build')
+        for endpoint, preload in (('up', None), ('upnd', shim)):
+            if endpoint in bench.skipped:
+                continue
+            proc, port, _ = upimapproxy.start(workdir, HOST, compare.port, preload)
+            stack.callback(stop_process, proc)
+            bench.add(endpoint, port, [proc.pid], threads_come_and_go=True)
+    tls_log = start_tls_pair(stack, bench, workdir, users, shim)
+    logs += [tls_log] if tls_log else []
+    port, pids, pair_logs = start_pair(stack, workdir, compare.port, PROXY_SETTINGS)
+    bench.add('proxy2', port, pids)
+    logs += pair_logs
+    log('endpoints: %s' % ', '.join('%s port %d pid %s' % (e, p, bench.pids.get(e, '-'))
+                                    for e, p in bench.ports.items()))
+    return logs
+
+
 def run_all(args, imapload_path, relay_path, report):
     """Start everything, measure every scenario, fill `report`; stop all that was started."""
     users = {'user%d' % i: 'secret%d' % i for i in range(1, USERS + 1)}
@@ -461,23 +641,20 @@ def run_all(args, imapload_path, relay_path, report):
             dovecot.start()
         add_bulk_mail(compare)
         bench = Bench(args, imapload_path, compare)
-        relay, bench.ports['relay'] = start_relay(relay_path, compare.port, workdir)
-        stack.callback(stop_process, relay)
-        proxy, bench.ports['proxy'], proxy_log = start_proxy(workdir, compare.port,
-                                                              PROXY_SETTINGS)
-        stack.callback(stop_process, proxy)
-        bench.pids = {'relay': relay.pid, 'proxy': proxy.pid}
-        log('dovecot pid %d port %d; relay pid %d port %d; gimapproxy pid %d port %d' % (
-            compare.pid, compare.port, relay.pid, bench.ports['relay'], proxy.pid,
-            bench.ports['proxy']))
-        # Warm the proxy's cache for 16 concurrent clients; this run is not reported.
-        imapload(bench, 'cycle', bench.ports['proxy'], SCENARIOS['cycle16'][1] + [
-            '--seconds', max(args.seconds, 1), '--warmup', 0, '--timeout', 10])
+        bench.skipped = report['skipped'] = {}
+        proxy_logs = start_peers(stack, bench, workdir, relay_path, users)
+        # Warm the caches of the caching endpoints for 16 concurrent clients; these runs
+        # are not reported.
+        for endpoint in bench.ports:
+            if endpoint not in ('direct', 'relay'):
+                imapload(bench, 'cycle', bench.ports[endpoint], SCENARIOS['cycle16'][1] + [
+                    '--seconds', max(args.seconds, 1), '--warmup', 0, '--timeout', 10])
         report['runs'], report['bursts'] = [], []
         for rnd in range(1, args.rounds + 1):
-            order = ENDPOINTS[(rnd - 1) % 3:] + ENDPOINTS[:(rnd - 1) % 3]
             for scenario in SCENARIOS:
-                for endpoint in order:
+                endpoints = [e for e in SCENARIO_ENDPOINTS[scenario] if e in bench.ports]
+                shift = (rnd - 1) % len(endpoints)
+                for endpoint in endpoints[shift:] + endpoints[:shift]:
                     report['runs'].append(run_scenario(bench, scenario, endpoint, rnd))
             report['bursts'].append(connect_burst(bench.ports['proxy'], args.burst))
             log('burst     %r' % report['bursts'][-1])
@@ -498,16 +675,27 @@ def run_all(args, imapload_path, relay_path, report):
         report['scale'] = scale(bench, sessions_dc, scale_port, scale_proxy.pid,
                                 args.scale_sessions)
         report['scale']['sessions'] = args.scale_sessions
-        report['logs'] = log_problems([proxy_log, idle_log, scale_log],
+        report['logs'] = log_problems(proxy_logs + [idle_log, scale_log],
                                       {'dovecot': compare, 'sessions dovecot': sessions_dc})
 
 
 def add_notes(report):
     """Append notes on the load generator, the machine and the logs to report['notes']."""
     notes, runs = report['notes'], report['runs']
+    skipped = {}
+    for endpoint, reason in report['skipped'].items():
+        skipped.setdefault(reason, []).append(endpoint)
+    for reason, endpoints in skipped.items():
+        notes.append('not run: %s: %s' % (', '.join(endpoints), reason))
     share = max(r['loadgen_cpu_s'] / r['wall_s'] for r in runs)
     notes.append('imapload used at most %.0f%% of one core in any run (one thread: near '
                  '100%% it would be the bottleneck)' % (100 * share))
+    waits = [r['runq_wait_s'] / r['wall_s'] for r in runs
+             if r['endpoint'] == 'proxy' and r['scenario'] == 'cycle16' and 'runq_wait_s' in r]
+    if waits:
+        notes.append('gimapproxy (one thread) was runnable but waiting for a CPU %.0f%% of the '
+                     'time in its 16-client cycle runs (median; from schedstat)'
+                     % (100 * statistics.median(waits)))
     notes.append('the machine was %.0f%% busy during the runs (median, all cores, this '
                  'benchmark included)' % (100 * statistics.median(r['sys_busy'] for r in runs)))
     if not report['scale']['held_through']:
@@ -527,6 +715,8 @@ def main(argv=None):
     if missing:
         log('cannot run: missing %s' % '; '.join(missing))
         return 2
+    if not args.quick and upimapproxy.missing():
+        log('missing %s: those columns and goals are skipped' % upimapproxy.missing())
     imapload_path, relay_path = find_imapload(), build_tool('relay')
     if not (imapload_path and relay_path):
         log('cannot run: the C tools in benchmarks/tools did not build (see above)')
@@ -555,6 +745,7 @@ def main(argv=None):
         return 2
     report['settings']['elapsed_s'] = round(time.monotonic() - t0, 1)
     report['rows'] = make_rows(report)
+    report['goals'] = goals.evaluate(report, report['skipped'])
     add_notes(report)
     if args.json:
         print(json.dumps(report, indent=1))

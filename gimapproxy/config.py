@@ -183,6 +183,10 @@ KEYS = (
         'Address to accept clients on; * for all addresses.'),
     Key('listen_port', _integer(0, 65535), '1143',
         'Port to accept clients on (0: any free port, for tests).'),
+    Key('reuse_port', _boolean, 'no',
+        'Set SO_REUSEPORT on the listening sockets, so that several proxy processes '
+        'with the same listen_address and listen_port share them and the kernel spreads '
+        'new clients over them (one core each); each process keeps its own cache.'),
     Key('server_hostname', _hosts, None,
         'Host name or address of the IMAP server; several (space separated, each may be '
         'host:port) spread users over them and fail over.'),
@@ -313,8 +317,8 @@ KEYS = (
         'Group to run as after binding the ports; empty: the user\'s group.'),
 )
 # Keys a reload (SIGHUP) cannot change: they need a restart.
-RESTART_KEYS = frozenset(('listen_address', 'listen_port', 'listen_tls_port', 'stats_listen',
-                          'proc_username', 'proc_groupname'))
+RESTART_KEYS = frozenset(('listen_address', 'listen_port', 'reuse_port', 'listen_tls_port',
+                          'stats_listen', 'proc_username', 'proc_groupname'))
 _BY_NAME = {key.name: key for key in KEYS}
 
 
@@ -327,6 +331,7 @@ class ProxyConfig:
     """
     listen_address: str
     listen_port: int
+    reuse_port: bool
     server_hostname: str
     server_port: int
     cache_size: int

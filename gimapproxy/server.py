@@ -47,6 +47,43 @@ def _is_loopback(host: str) -> bool:
 LISTEN_BACKLOG = 4096
 
 
+def tcp_listener(address: tuple, backlog: int, family: int,
+                 reuse_port: bool = False) -> socket.socket:
+    """Return a non-blocking TCP socket bound to `address` and listening, with
+    SO_REUSEADDR (as gevent sets it) and, when `reuse_port`, SO_REUSEPORT: then several
+    processes with the option set can bind the same address, and the kernel spreads new
+    connections over their sockets. Raises OSError (its strerror naming the address)
+    when it cannot bind."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            exc.strerror = '%s: %r' % (exc.strerror or exc, address)
+            raise
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener(StreamServer):
+    """A StreamServer that binds with `tcp_listener`, so with SO_REUSEPORT when its
+    `reuse_port` is true. A socket passed in ready-bound (embedding) is used as it is."""
+
+    reuse_port = False
+
+    def get_listener(self, address, backlog=None, family=None):
+        # gevent declares this a classmethod; an instance method sees reuse_port.
+        return tcp_listener(address, self.backlog if backlog is None else backlog,
+                            family or socket.AF_INET, self.reuse_port)
+
+
 def read_proxy_header(sock, timeout: float) -> Union[ProxyHeader, HeaderError]:
     """Read the PROXY protocol header from `sock`, and nothing after it, within
     `timeout` seconds.
@@ -93,12 +130,14 @@ def read_proxy_header(sock, timeout: float) -> Union[ProxyHeader, HeaderError]:
             pass
 
 
-class ProxyServer(StreamServer):
+class ProxyServer(Listener):
     """The caching IMAP proxy as a gevent StreamServer.
 
     Args:
         config: the settings; `listen_address` and `listen_port` are used unless
-            `listener` (an address tuple or a bound socket) is given.
+            `listener` (an address tuple or a bound socket) is given. With `reuse_port`
+            the sockets it binds itself get SO_REUSEPORT; a bound socket passed in is
+            used as it is.
     """
 
     def __init__(self, config: ProxyConfig, listener=None) -> None:
@@ -118,7 +157,10 @@ class ProxyServer(StreamServer):
         if listener is None:
             listener = (config.listen_address or '0.0.0.0', config.listen_port)
         pool = Pool()
-        super().__init__(listener, spawn=pool, backlog=LISTEN_BACKLOG)
+        self.reuse_port = config.reuse_port
+        # gevent refuses a backlog with a socket that is already listening.
+        backlog = None if hasattr(listener, 'accept') else LISTEN_BACKLOG
+        super().__init__(listener, spawn=pool, backlog=backlog)
         # Implicit TLS for clients: a second listener feeding the same sessions. The
         # handshake runs in the session, under its login deadline.
         self.stats_listener = None
@@ -130,9 +172,10 @@ class ProxyServer(StreamServer):
                                              error_log=logging.getLogger('gimapproxy.http'))
         self.tls_listener: Optional[StreamServer] = None
         if config.listen_tls_port:
-            self.tls_listener = StreamServer(
+            self.tls_listener = Listener(
                 (config.listen_address or '0.0.0.0', config.listen_tls_port),
                 self._handle_tls, spawn=pool, backlog=LISTEN_BACKLOG)
+            self.tls_listener.reuse_port = config.reuse_port
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -152,11 +195,11 @@ class ProxyServer(StreamServer):
             raise
         self._expiry = gevent.spawn(self._run_expiry)
         gevent.spawn(self.check_server)
-        log.info('listening: address=%s:%d tls_port=%s server=%s:%d server_tls=%s '
-                 'cache_size=%d', self.address[0], self.address[1],
+        log.info('listening: address=%s:%d tls_port=%s reuse_port=%s server=%s:%d '
+                 'server_tls=%s cache_size=%d', self.address[0], self.address[1],
                  self.tls_listener.server_port if self.tls_listener else '-',
-                 self.config.server_hostname, self.config.server_port,
-                 self.config.server_tls, self.config.cache_size)
+                 'yes' if self.reuse_port else 'no', self.config.server_hostname,
+                 self.config.server_port, self.config.server_tls, self.config.cache_size)
         for host, _ in self.config.servers:
             if self.config.server_tls == 'off' and not _is_loopback(host):
                 log.warning('server_tls is off: passwords cross the network in clear text '

@@ -46,6 +46,15 @@ def test_perf_quick_produces_every_number():
     assert report['settings']['imapload'].startswith(os.path.join(
         tempfile.gettempdir(), 'gimapproxy-bench-%d' % os.getuid(), 'imapload-'))
     assert sum(b['ungreeted'] + b['hung'] + b['failed'] for b in report['bursts']) == 0
+    # Every goal is there: measured (PASS or MISS), or skipped with the reason, as the
+    # comparisons with up-imapproxy and the STARTTLS pair are in --quick.
+    assert len(report['goals']) == 11, report['goals']
+    for goal in report['goals']:
+        assert goal['pass'] in (True, False, None), goal
+        assert goal['pass'] is not None or goal['why'], goal
+    assert {'upnd', 'upnd_tls', 'proxy_tls', 'proxy2'} <= set(report['skipped'])
+    relay_goals = [g for g in report['goals'] if g.get('peer') == 'C relay']
+    assert relay_goals and all(g['pass'] is not None for g in relay_goals)
 
 
 def test_perf_help_is_whole_sentences():

@@ -1,5 +1,6 @@
-"""The shipped systemd unit (etc/gimapproxy.service): systemd's own checker accepts it,
-and it runs the proxy unprivileged, hardened, from README.md's venv."""
+"""The shipped systemd units (etc/gimapproxy.service, and the template
+etc/gimapproxy@.service for several processes sharing a port): systemd's own checker
+accepts them, and they run the proxy unprivileged, hardened, from README.md's venv."""
 import os
 import re
 import shutil
@@ -10,13 +11,16 @@ import pytest
 from tests.conftest import REPO
 
 UNIT = os.path.join(REPO, 'etc', 'gimapproxy.service')
+TEMPLATE = os.path.join(REPO, 'etc', 'gimapproxy@.service')
 VENV_BIN = '/opt/gimapproxy/bin/gimapproxy'
 
+units = pytest.mark.parametrize('unit', [UNIT, TEMPLATE], ids=os.path.basename)
 
-def unit_settings() -> dict:
+
+def unit_settings(unit: str = UNIT) -> dict:
     """{key: [values]} of the unit's [Service] section."""
     settings, section = {}, None
-    for line in open(UNIT).read().splitlines():
+    for line in open(unit).read().splitlines():
         line = line.strip()
         if line.startswith('['):
             section = line
@@ -26,8 +30,9 @@ def unit_settings() -> dict:
     return settings
 
 
-def test_unit_is_hardened_and_unprivileged():
-    service = unit_settings()
+@units
+def test_unit_is_hardened_and_unprivileged(unit):
+    service = unit_settings(unit)
     assert service['ExecStart'] == ['%s -c /etc/gimapproxy.ini' % VENV_BIN]
     assert service['ExecReload'] == ['/bin/kill -HUP $MAINPID']
     assert service['KillSignal'] == ['SIGTERM']
@@ -44,7 +49,12 @@ def test_unit_is_hardened_and_unprivileged():
     assert int(service['LimitNOFILE'][0]) >= 2 * 1000 + 1024
 
 
-def verify(tmp_path, text: str) -> subprocess.CompletedProcess:
+def test_template_has_the_hardening_of_the_unit():
+    """Every instance of the template runs exactly as the single unit does."""
+    assert unit_settings(TEMPLATE) == unit_settings(UNIT)
+
+
+def verify(tmp_path, text: str, name: str = 'gimapproxy.service') -> subprocess.CompletedProcess:
     """Run systemd-analyze verify on the unit `text`. verify also checks that ExecStart's
     program exists; here it is not installed at /opt/gimapproxy, so the unit is checked
     with a stand-in at another path."""
@@ -55,14 +65,15 @@ def verify(tmp_path, text: str) -> subprocess.CompletedProcess:
     stand_in.write_text('#!/bin/sh\n')
     stand_in.chmod(0o755)
     assert VENV_BIN in text
-    unit = tmp_path / 'gimapproxy.service'
+    unit = tmp_path / name
     unit.write_text(text.replace(VENV_BIN, str(stand_in)))
     return subprocess.run([analyze, 'verify', str(unit)], capture_output=True, text=True,
                           timeout=60)
 
 
-def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
-    result = verify(tmp_path, open(UNIT).read())
+@units
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path, unit):
+    result = verify(tmp_path, open(unit).read(), os.path.basename(unit))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     # verify exits 0 even for unknown keys and bad values; it only prints them.
@@ -76,3 +87,9 @@ def test_systemd_analyze_verify_catches_a_bad_value(tmp_path):
                   flags=re.M)
     result = verify(tmp_path, text)
     assert 'gimapproxy.service' in result.stderr and 'protect home' in result.stderr.lower()
+    # The template too (as an instance, which is what systemd loads).
+    text = re.sub(r'^ProtectHome=yes$', 'ProtectHome=sometimes', open(TEMPLATE).read(),
+                  flags=re.M)
+    result = verify(tmp_path, text, 'gimapproxy@1.service')
+    assert 'gimapproxy@1.service' in result.stderr
+    assert 'protect home' in result.stderr.lower()

@@ -49,22 +49,40 @@ def test_shipped_settings():
     assert int(program['stopwaitsecs']) >= shutdown_timeout + 5
 
 
-def test_supervisord_accepts_the_shipped_file(tmp_path):
-    """supervisord's own parser takes the file as shipped, included from conf.d."""
+def supervisord_groups(tmp_path, program_file: str) -> list:
+    """The process groups that supervisord's own parser makes of `program_file`,
+    included from conf.d as Debian's supervisor does."""
     pytest.importorskip('supervisor')
     from supervisor.options import ServerOptions
     main = tmp_path / 'supervisord.conf'
     main.write_text('[supervisord]\nlogfile=%s\npidfile=%s\n[include]\nfiles=%s\n'
-                    % (tmp_path / 'supervisord.log', tmp_path / 'supervisord.pid', SHIPPED))
+                    % (tmp_path / 'supervisord.log', tmp_path / 'supervisord.pid', program_file))
     options = ServerOptions()
     options.realize(['-c', str(main)])
-    [group] = options.process_group_configs
+    return options.process_group_configs
+
+
+def test_supervisord_accepts_the_shipped_file(tmp_path):
+    """supervisord's own parser takes the file as shipped, included from conf.d."""
+    [group] = supervisord_groups(tmp_path, SHIPPED)
     [program] = group.process_configs
     assert program.name == 'gimapproxy'
     assert program.command == shipped_program()['command']
     assert program.stopsignal == signal.SIGTERM
     assert program.redirect_stderr is True
     assert program.stopwaitsecs == int(shipped_program()['stopwaitsecs'])
+
+
+def test_supervisord_accepts_the_several_processes_example(tmp_path):
+    """etc/supervisord-multi.conf: two processes of the shipped program, one log each."""
+    [group] = supervisord_groups(tmp_path, os.path.join(REPO, 'etc', 'supervisord-multi.conf'))
+    programs = group.process_configs
+    assert [p.name for p in programs] == ['gimapproxy-0', 'gimapproxy-1']
+    assert {p.command for p in programs} == {shipped_program()['command']}
+    assert len({p.stdout_logfile for p in programs}) == 2
+    for program in programs:
+        assert program.stopsignal == signal.SIGTERM
+        assert program.stopwaitsecs == int(shipped_program()['stopwaitsecs'])
 
 
 def wait_for(predicate, what: str, timeout: float = TIMEOUT, interval: float = 0.1):
