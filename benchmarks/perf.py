@@ -44,7 +44,8 @@ COLUMNS = {'direct': 'direct', 'relay': 'relay', 'up': 'up-imapprx', 'upnd': 'up
 PLAIN = ENDPOINTS
 # Which endpoints each scenario runs against (those that are up).
 SCENARIO_ENDPOINTS = {'cycle1': PLAIN, 'cycle16': PLAIN + ('upnd_tls', 'proxy_tls', 'proxy2'),
-                      'noop': PLAIN, 'bulk': PLAIN + ('upnd_tls', 'proxy_tls')}
+                      'noop': PLAIN, 'bulk': PLAIN + ('upnd_tls', 'proxy_tls'),
+                      'condstore16': ('direct', 'proxy')}
 PROXIES = ('proxy', 'proxy_tls', 'proxy2')     # gimapproxy endpoints, for the error count
 USERS = 20                                   # user1..user20 / secret1..secret20
 BULK_USER = 'bulk1'                          # password secret1; messages 56 and 57 are big
@@ -93,6 +94,10 @@ SCENARIOS = {
     'cycle16': ('cycle', ['--clients', 16, '--users', '1-%d' % USERS]),
     'noop': ('noop', ['--clients', 1, '--users', '1-1']),
     'bulk': ('bulk', ['--clients', 1, '--users', '1-1', '--user-fmt', 'bulk%d']),
+    # Webmail that uses CONDSTORE (Roundcube's message cache, Horde): each session
+    # starts SELECT INBOX (CONDSTORE) and FETCHes MODSEQ.
+    'condstore16': ('cycle', ['--clients', 16, '--users', '1-%d' % USERS, '--select-params',
+                              '(CONDSTORE)', '--fetch', '1:10 (FLAGS MODSEQ)']),
 }
 HEADLINE = {'cycle': ('rate', 'cycles/s'), 'noop': ('p50_us', 'us p50'),
             'bulk': ('mb_per_s', 'MB/s')}
@@ -370,6 +375,13 @@ def pick(values, columns):
     return {column: values[e] for e, column in columns if e in values}
 
 
+def logins_per_1k(runs, scenarios):
+    """Dovecot logins per 1,000 proxy cycles of `scenarios`, or None without any."""
+    cycles = [r for r in runs if 'dovecot_logins' in r and r['scenario'] in scenarios]
+    return ratio(1000.0 * sum(r['dovecot_logins'] for r in cycles),
+                 sum(r['done_all'] for r in cycles))
+
+
 def make_rows(res):
     """The table: one dict per scenario with 'values' per endpoint, 'ratio' (a number)
     and 'ratio_of' (its name), 'target' (text) and 'pass' (None: no target)."""
@@ -385,11 +397,15 @@ def make_rows(res):
         x = ratio(v.get('proxy'), v.get(other))
         ok = x is not None and (low is None or x >= low) and (high is None or x <= high)
         row(name, v, target, ok, x, 'px/' + other)
-    proxy_cycles = [r for r in runs if 'dovecot_logins' in r]
-    per_1k = ratio(1000.0 * sum(r['dovecot_logins'] for r in proxy_cycles),
-                   sum(r['done_all'] for r in proxy_cycles))
+    per_1k = logins_per_1k(runs, ('cycle1', 'cycle16'))
     row('Dovecot logins per 1,000 cycles, warm', {'proxy': per_1k}, '<= 1',
         per_1k is not None and per_1k <= 1, spec='.2f')
+    v = pick(medians(runs, 'condstore16', lambda r: r['rate']), [(e, e) for e in ENDPOINTS])
+    row('CONDSTORE webmail cycles/s, 16 clients', v, '-', None,
+        ratio(v.get('proxy'), v.get('direct')), 'px/direct')
+    per_1k = logins_per_1k(runs, ('condstore16',))
+    row('CONDSTORE webmail: Dovecot logins per 1,000 cycles, warm', {'proxy': per_1k},
+        '<= 1', per_1k is not None and per_1k <= 1, spec='.2f')
     for clients in (1, 16):
         v = pick(medians(runs, 'cycle%d' % clients, cpu_us('cycle')),
                  [(e, e) for e in ENDPOINTS])
@@ -647,8 +663,9 @@ def run_all(args, imapload_path, relay_path, report):
         # are not reported.
         for endpoint in bench.ports:
             if endpoint not in ('direct', 'relay'):
-                imapload(bench, 'cycle', bench.ports[endpoint], SCENARIOS['cycle16'][1] + [
-                    '--seconds', max(args.seconds, 1), '--warmup', 0, '--timeout', 10])
+                for scenario in ('cycle16', 'condstore16')[:2 if endpoint == 'proxy' else 1]:
+                    imapload(bench, 'cycle', bench.ports[endpoint], SCENARIOS[scenario][1] + [
+                        '--seconds', max(args.seconds, 1), '--warmup', 0, '--timeout', 10])
         report['runs'], report['bursts'] = [], []
         for rnd in range(1, args.rounds + 1):
             for scenario in SCENARIOS:

@@ -49,7 +49,7 @@ static struct options {
     const char *host;
     int port, clients, clients_given, user_low, user_high, sessions, proxy_pid, json;
     double seconds, warmup, hold, timeout;
-    const char *user_fmt, *pass_fmt, *mailbox, *fetch, *bulk;
+    const char *user_fmt, *pass_fmt, *mailbox, *select_params, *fetch, *bulk;
 } opt;
 
 /* The reader keeps the first bytes of the current response line (enough for a tag and
@@ -231,7 +231,8 @@ static void on_reply(struct slot *s, const char *status)
         command(s, LOGIN, "LOGIN %s %s", user, pass);
         return;
     case LOGIN:
-        command(s, SELECT, "SELECT \"%s\"", opt.mailbox);
+        command(s, SELECT, "SELECT \"%s\"%s%s", opt.mailbox,
+                *opt.select_params ? " " : "", opt.select_params);
         return;
     case SELECT:
         if (opt.mode == CYCLE) command(s, FETCH, "FETCH %s", opt.fetch);
@@ -476,6 +477,7 @@ static void usage(FILE *to, int status)
         "  --user-fmt F        user name, printf of the number (user%%d)\n"
         "  --pass-fmt F        password, printf of the number (secret%%d)\n"
         "  --mailbox NAME      mailbox to SELECT (INBOX)\n"
+        "  --select-params P   after the mailbox name, e.g. '(CONDSTORE)' (none)\n"
         "  --fetch ARGS        cycle's FETCH arguments ('1:10 (FLAGS ENVELOPE)')\n"
         "  --bulk ARGS         bulk's FETCH arguments ('56:57 BODY.PEEK[]')\n"
         "  --sessions N        idle: sessions to open (1000)\n"
@@ -492,6 +494,7 @@ static void parse(int argc, char **argv)
         {"host", 1, 0, 'h'}, {"port", 1, 0, 'p'}, {"clients", 1, 0, 'c'},
         {"seconds", 1, 0, 's'}, {"warmup", 1, 0, 'w'}, {"users", 1, 0, 'u'},
         {"user-fmt", 1, 0, 'U'}, {"pass-fmt", 1, 0, 'P'}, {"mailbox", 1, 0, 'm'},
+        {"select-params", 1, 0, 'S'},
         {"fetch", 1, 0, 'f'}, {"bulk", 1, 0, 'b'}, {"sessions", 1, 0, 'k'},
         {"hold", 1, 0, 'H'}, {"timeout", 1, 0, 't'}, {"proxy-pid", 1, 0, 'x'},
         {"json", 0, 0, 'j'}, {"help", 0, 0, '?'}, {0, 0, 0, 0}};
@@ -511,6 +514,7 @@ static void parse(int argc, char **argv)
     opt.user_fmt = "user%d";
     opt.pass_fmt = "secret%d";
     opt.mailbox = "INBOX";
+    opt.select_params = "";
     opt.fetch = "1:10 (FLAGS ENVELOPE)";
     opt.bulk = "56:57 BODY.PEEK[]";
     opt.sessions = 1000;
@@ -532,6 +536,7 @@ static void parse(int argc, char **argv)
         case 'U': opt.user_fmt = optarg; break;
         case 'P': opt.pass_fmt = optarg; break;
         case 'm': opt.mailbox = optarg; break;
+        case 'S': opt.select_params = optarg; break;
         case 'f': opt.fetch = optarg; break;
         case 'b': opt.bulk = optarg; break;
         case 'k': opt.sessions = atoi(optarg); break;
