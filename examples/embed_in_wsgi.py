@@ -4,7 +4,8 @@
 
 A host that already serves HTTP with gevent starts the proxy next to its WSGI app and
 mounts the proxy's /metrics and /stats under /proxy. The host owns the process: it
-monkey-patches first, installs the signal handlers, and stops the proxy on SIGTERM.
+monkey-patches first, installs the signal handlers, reloads the proxy's configuration on
+SIGHUP and stops the proxy on SIGTERM.
 """
 from gevent import monkey
 
@@ -17,7 +18,7 @@ import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from gimapproxy import ProxyServer, load_config  # noqa: E402
+from gimapproxy import ConfigError, ProxyServer, load_config  # noqa: E402
 from gimapproxy.wsgi import make_app  # noqa: E402
 
 
@@ -44,10 +45,22 @@ def main(ini_path, http_port):
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    # A signal handler must not block: the reload runs in a greenlet of its own.
+    gevent.signal_handler(signal.SIGHUP, gevent.spawn, reload, proxy, ini_path)
     stop.wait()
     web.stop(1)
     proxy.stop(5)
     return 0
+
+
+def reload(proxy, ini_path):
+    try:
+        changed, restart = proxy.reload(load_config(ini_path))
+    except (ConfigError, OSError) as exc:    # the running configuration stays
+        print('reload failed: %s' % exc, flush=True)
+        return
+    print('reloaded: changed=%s restart_needed=%s' % (','.join(changed) or '-',
+                                                    ','.join(restart) or '-'), flush=True)
 
 
 if __name__ == '__main__':
