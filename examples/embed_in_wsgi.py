@@ -7,7 +7,8 @@ mounts the proxy's views under /proxy: /proxy/metrics (Prometheus), /proxy/stats
 and /proxy/admin/cache and /proxy/admin/flush (POST; only from the proxy's
 admin_networks, loopback by default). The host owns the process: it monkey-patches first,
 configures logging (the library never does, so without this its events are not seen),
-installs the signal handlers, and stops the proxy on SIGTERM.
+installs the signal handlers, reloads the proxy's configuration on SIGHUP and stops the
+proxy on SIGTERM.
 """
 from gevent import monkey
 
@@ -21,7 +22,7 @@ import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from gimapproxy import ProxyServer, load_config  # noqa: E402
+from gimapproxy import ConfigError, ProxyServer, load_config  # noqa: E402
 from gimapproxy.wsgi import make_app  # noqa: E402
 
 
@@ -54,10 +55,22 @@ def main(ini_path, http_port):
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    # A signal handler must not block: the reload runs in a greenlet of its own.
+    gevent.signal_handler(signal.SIGHUP, gevent.spawn, reload, proxy, ini_path)
     stop.wait()
     web.stop(1)
     proxy.stop(5)
     return 0
+
+
+def reload(proxy, ini_path):
+    try:
+        changed, restart = proxy.reload(load_config(ini_path))
+    except (ConfigError, OSError) as exc:    # the running configuration stays
+        print('reload failed: %s' % exc, flush=True)
+        return
+    print('reloaded: changed=%s restart_needed=%s' % (','.join(changed) or '-',
+                                                    ','.join(restart) or '-'), flush=True)
 
 
 if __name__ == '__main__':

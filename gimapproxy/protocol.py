@@ -10,7 +10,6 @@ The proxy needs two things from the wire format (RFC 3501 section 4, RFC 7888, R
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Optional, Union
 
 __all__ = [
@@ -46,10 +45,24 @@ class BadLiteral(ProtocolError):
 
 # The framer makes an event for every line and literal piece in both directions: the
 # events are plain slotted classes (a frozen dataclass costs four times as much to build).
-# Treat them as read-only.
+# Treat them as read-only. The slots are written out (not `dataclass(slots=True)`, which
+# needs Python 3.10); _Slotted gives them a dataclass's equality and repr.
 
-@dataclass(slots=True)
-class Line:
+class _Slotted:
+    __slots__ = ()
+    __hash__ = None                   # mutable, compared by value: unhashable, as a dataclass
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    def __repr__(self) -> str:
+        return '%s(%s)' % (self.__class__.__name__, ', '.join(
+            '%s=%r' % (name, getattr(self, name)) for name in self.__slots__))
+
+
+class Line(_Slotted):
     """One line of the stream, CRLF included.
 
     `first` is True when the line starts a new command or response (the previous line did
@@ -57,17 +70,19 @@ class Line:
     None; `sync` tells whether that literal is synchronizing (`{n}`, the sender waits for
     a `+` continuation before sending it).
     """
-    data: bytes
-    first: bool
-    literal: Optional[int] = None
-    sync: bool = False
+    __slots__ = ('data', 'first', 'literal', 'sync')
+
+    def __init__(self, data: bytes, first: bool, literal: Optional[int] = None,
+                 sync: bool = False) -> None:
+        self.data, self.first, self.literal, self.sync = data, first, literal, sync
 
 
-@dataclass(slots=True)
-class LiteralData:
+class LiteralData(_Slotted):
     """A piece of a literal payload; `last` is True on the piece that completes it."""
-    data: bytes
-    last: bool
+    __slots__ = ('data', 'last')
+
+    def __init__(self, data: bytes, last: bool) -> None:
+        self.data, self.last = data, last
 
 
 def literal_of(line: bytes) -> Optional[tuple[int, bool, bool]]:
@@ -240,8 +255,7 @@ _STATUS = frozenset((b'OK', b'NO', b'BAD', b'BYE', b'PREAUTH'))
 _CODE_RE = re.compile(rb'\[([^\]\r\n]*)\]')
 
 
-@dataclass(slots=True)
-class Response:
+class Response(_Slotted):
     """The head of a server response line.
 
     `kind` is 'untagged', 'continuation' or 'tagged'. For status responses (OK, NO, BAD,
@@ -249,12 +263,13 @@ class Response:
     brackets (or None) and `text` the human text. For other untagged data `status` is None
     and `name` is the upper-case keyword (CAPABILITY, EXISTS, FETCH, ...).
     """
-    kind: str
-    tag: Optional[bytes] = None
-    status: Optional[bytes] = None
-    code: Optional[bytes] = None
-    text: bytes = b''
-    name: Optional[bytes] = None
+    __slots__ = ('kind', 'tag', 'status', 'code', 'text', 'name')
+
+    def __init__(self, kind: str, tag: Optional[bytes] = None, status: Optional[bytes] = None,
+                 code: Optional[bytes] = None, text: bytes = b'',
+                 name: Optional[bytes] = None) -> None:
+        self.kind, self.tag, self.status, self.code = kind, tag, status, code
+        self.text, self.name = text, name
 
 
 def parse_response(line: bytes) -> Response:

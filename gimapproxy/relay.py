@@ -32,7 +32,7 @@ from .backend import BackendError
 from .lease import describe
 from .logfmt import ProtocolTrace
 from .protocol import LiteralData, ProtocolError
-from .sockio import recv_when_ready, send_all
+from .sockio import Reader, send_all
 from .tracker import Held, Tracker, enable_profile
 
 __all__ = ['Relay', 'End']
@@ -81,10 +81,12 @@ class Relay:
         self.last_activity = time.monotonic()
         self.idle = False                         # idle_timeout passed: say BYE
         self.idle_timer = None
+        self.reader: Optional[Reader] = None      # the client reads, which wake_session ends
 
     def run(self) -> End:
         """Relay until LOGOUT or either side leaves; return how it ended."""
         self.sock.settimeout(None)
+        self.reader = Reader(self.sock)
         tick = self.idle_timeout / 4
         self.idle_timer = gevent.get_hub().loop.timer(tick, tick)
         self.idle_timer.start(self.check_idle)
@@ -96,6 +98,7 @@ class Relay:
         finally:
             self.idle_timer.close()
             self.stop_pump()
+            self.reader.close()
 
     # -- client to server ---------------------------------------------------------------
 
@@ -161,10 +164,8 @@ class Relay:
         """Read client bytes; b'' at EOF, error, or idle_timeout of silence both ways."""
         if self.pump_end is None and not self.idle:
             try:
-                if self.tracker.framer.in_literal:
-                    data = self.sock.recv(RECV_SIZE)        # an upload: more is on its way
-                else:
-                    data = recv_when_ready(self.sock, RECV_SIZE)
+                # In an upload more is on its way: read at once.
+                data = self.reader.recv(RECV_SIZE, not self.tracker.framer.in_literal)
                 self.last_activity = time.monotonic()
                 return data
             except OSError:
@@ -308,9 +309,7 @@ class Relay:
         sees `pump_end` and acts on it; nothing is thrown into its other work, and the
         client socket stays usable (a TLS one too) for a last BYE. When the session is
         not reading, `recv_client` sees `pump_end` before it waits."""
-        watcher = getattr(self.sock, '_read_event', None)
-        if watcher is not None:
-            gevent.get_hub().cancel_wait(watcher, socket.error(errno.ECANCELED, 'woken'))
+        self.reader.wake(socket.error(errno.ECANCELED, 'woken'))
 
     def on_lines(self, data: bytes, first: bool) -> bytes:
         """Hand the tracker the first line of every response among the whole lines in

@@ -4,7 +4,13 @@ gevent's `sendall` asks the kernel for the send buffer size, takes the time and 
 memoryview before its first `send`; a response of a few hundred bytes needs none of
 that. `recv_when_ready` waits before it reads where gevent's `recv` would try, fail with
 EAGAIN and then wait. `readable` asks the kernel directly, without yielding to the hub
-as a monkey-patched `select` does.
+as a monkey-patched `select` does. `Reader` is a read that another greenlet can wake.
+
+Waiting before reading, and waking a read, use the read watcher each gevent socket keeps
+(`_read_event`, waited on with `_wait`): private gevent API, unchanged from gevent 1.3
+through 26. Whether it is there is checked once, at import (SOCKET_WATCHER). Without it,
+the same work is done with public API only: plain `recv`, and a read watcher of our own
+waited on with `gevent.socket.wait` and woken with `gevent.socket.cancel_wait`.
 """
 from __future__ import annotations
 
@@ -13,13 +19,23 @@ from typing import Optional
 import gevent
 from gevent import monkey, socket, ssl
 
-__all__ = ['send_all', 'recv_when_ready', 'readable']
+__all__ = ['send_all', 'recv_when_ready', 'readable', 'Reader']
 
 # The real poll(), whether or not the process is monkey-patched: with a zero timeout it
 # never blocks, and it must not switch greenlets under the caller. Not select(): it
 # cannot take a descriptor above 1023, and a busy proxy has thousands.
 _poll = monkey.get_original('select', 'poll')
 _POLLIN = monkey.get_original('select', 'POLLIN')
+
+# gevent's sockets (TLS ones inherit it) keep a read watcher and a method that waits on
+# it. When a gevent release drops either, the public fallbacks below take over; the
+# tests flip this to run both paths, nothing else may.
+def _has_socket_watcher() -> bool:
+    return (hasattr(socket.socket, '_read_event')
+            and callable(getattr(socket.socket, '_wait', None)))
+
+
+SOCKET_WATCHER = _has_socket_watcher()
 
 
 def send_all(sock, data: bytes, timeout: Optional[float]) -> None:
@@ -49,15 +65,59 @@ def recv_when_ready(sock, size: int) -> bytes:
     gevent's `recv` tries first and waits after EAGAIN, which costs an exception each
     time. Right after a request or a response has gone out, nothing is there yet, so
     this waits first. The wait is the socket's own (gevent's `_wait` on its read
-    watcher), so closing the socket or `hub.cancel_wait` ends it as they end a `recv`,
-    and the socket's timeout applies.
+    watcher), so closing the socket ends it as it ends a `recv`, and the socket's
+    timeout applies. Without that watcher (SOCKET_WATCHER false) this is a plain `recv`.
 
     Raises:
         OSError: as `recv` does (socket.timeout included).
     """
-    if not _pending(sock) and sock._read_event is not None:    # None: closed
+    if SOCKET_WATCHER and not _pending(sock) and sock._read_event is not None:  # None: closed
         sock._wait(sock._read_event)
     return sock.recv(size)
+
+
+class Reader:
+    """Reads of one gevent socket (plain or TLS) by one greenlet, which another greenlet
+    or a hub callback can wake: `wake(error)` makes a read in progress raise `error`,
+    and leaves the socket usable. A wake while no read waits does nothing.
+
+    With gevent's own read watcher the reads are `recv_when_ready` and gevent's `recv`,
+    and `wake` cancels that watcher's wait. Without it, every read first waits on a read
+    watcher of the Reader's own (public loop API), which `wake` cancels. There a TLS
+    record that has only partly arrived is waited for inside gevent's `recv`, where no
+    wake reaches. `close()` releases the watcher; the socket is the caller's.
+    """
+    __slots__ = ('sock', 'watcher')
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.watcher = None if SOCKET_WATCHER else gevent.get_hub().loop.io(sock.fileno(), 1)
+
+    def recv(self, size: int, wait_first: bool = True) -> bytes:
+        """Read up to `size` bytes; b'' at EOF. `wait_first`: nothing is expected yet
+        (see recv_when_ready); False when more is known to be on its way.
+
+        Raises:
+            OSError: as `recv` does, or the error given to `wake`.
+        """
+        if self.watcher is None:
+            return recv_when_ready(self.sock, size) if wait_first else self.sock.recv(size)
+        if not _pending(self.sock):
+            socket.wait(self.watcher, self.sock.gettimeout(), socket.timeout('timed out'))
+        return self.sock.recv(size)
+
+    def wake(self, error: BaseException) -> None:
+        """Make the read in progress, if any, raise `error` (from the hub, soon after)."""
+        watcher = self.watcher
+        if watcher is None:
+            watcher = getattr(self.sock, '_read_event', None)     # None: closed
+        if watcher is not None:
+            socket.cancel_wait(watcher, error)
+
+    def close(self) -> None:
+        """Release the Reader's own watcher; no read may follow."""
+        if self.watcher is not None:
+            self.watcher.close()
 
 
 def readable(sock) -> bool:

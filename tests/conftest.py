@@ -153,3 +153,15 @@ def proxy_log(request):
         assert secret not in text, 'a password reached the log'
     # A bug logs a traceback; no test may cause one.
     assert 'Traceback' not in text, text[text.index('Traceback') - 200:][:3000]
+
+
+def pytest_addoption(parser):
+    parser.addoption('--gevent-api', choices=('auto', 'public'), default='auto',
+                     help="'public': run the proxy on gevent's public API only, as it runs "
+                          "when gevent's private socket read watcher is gone")
+
+
+def pytest_configure(config):
+    if config.getoption('--gevent-api') == 'public':
+        from gimapproxy import sockio
+        sockio.SOCKET_WATCHER = False

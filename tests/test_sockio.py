@@ -1,4 +1,5 @@
-"""The hot-path socket helpers, on real sockets (descriptors above 1023 included)."""
+"""The hot-path socket helpers, on real sockets (descriptors above 1023 included), with
+gevent's socket read watcher (private API) and with the public fallback."""
 import os
 import resource
 import socket as stdsocket
@@ -7,7 +8,17 @@ import gevent
 import pytest
 from gevent import socket
 
-from gimapproxy.sockio import readable, recv_when_ready, send_all
+from gimapproxy import sockio
+from gimapproxy.sockio import Reader, readable, recv_when_ready, send_all
+
+
+@pytest.fixture(params=['socket watcher', 'public'])
+def gevent_api(request, monkeypatch):
+    """Run the test on each path: gevent's own read watcher, and public API only."""
+    if request.param == 'socket watcher' and not sockio._has_socket_watcher():
+        pytest.skip('this gevent has no socket read watcher')
+    monkeypatch.setattr(sockio, 'SOCKET_WATCHER', request.param == 'socket watcher')
+    return request.param
 
 
 @pytest.fixture(params=['low', 'high'])
@@ -46,7 +57,7 @@ def test_readable_on_a_closed_socket_says_yes():
     assert readable(a)
 
 
-def test_recv_when_ready_waits_then_reads(pair):
+def test_recv_when_ready_waits_then_reads(pair, gevent_api):
     a, b = pair
     later = gevent.spawn_later(0.05, b.sendall, b'hello')
     assert recv_when_ready(a, 100) == b'hello'
@@ -55,7 +66,7 @@ def test_recv_when_ready_waits_then_reads(pair):
     assert recv_when_ready(a, 100) == b'more'
 
 
-def test_recv_when_ready_is_woken_by_close():
+def test_recv_when_ready_is_woken_by_close(gevent_api):
     a, b = socket.socketpair()
 
     def read():
@@ -70,6 +81,51 @@ def test_recv_when_ready_is_woken_by_close():
     with pytest.raises(OSError):
         recv_when_ready(a, 100)            # closed already: no wait at all
     b.close()
+
+
+def read_in_greenlet(reader, size=100, wait_first=True):
+    def read():
+        try:
+            return reader.recv(size, wait_first)
+        except OSError as exc:
+            return exc
+    return gevent.spawn(read)
+
+
+@pytest.mark.parametrize('wait_first', [True, False])
+def test_reader_reads_and_is_woken(pair, gevent_api, wait_first):
+    a, b = pair
+    reader = Reader(a)
+    try:
+        later = gevent.spawn_later(0.05, b.sendall, b'hello')
+        assert reader.recv(100, wait_first) == b'hello'
+        later.join()
+        reader.wake(OSError('nobody reads: nothing happens'))
+        gevent.sleep(0.01)
+        waiting = read_in_greenlet(reader, wait_first=wait_first)
+        gevent.sleep(0.05)
+        assert not waiting.ready()                  # nothing sent: it waits
+        reader.wake(OSError('woken'))
+        assert str(waiting.get(timeout=2)) == 'woken'
+        b.sendall(b'still usable')                  # the socket survives the wake
+        assert reader.recv(100, wait_first) == b'still usable'
+        a.sendall(b'both ways')
+        assert b.recv(100) == b'both ways'
+        b.close()
+        assert reader.recv(100, wait_first) == b''
+    finally:
+        reader.close()
+
+
+def test_reader_honours_the_socket_timeout(pair, gevent_api):
+    a, _ = pair
+    a.settimeout(0.1)
+    reader = Reader(a)
+    try:
+        with pytest.raises(stdsocket.timeout):
+            reader.recv(100)
+    finally:
+        reader.close()
 
 
 def test_send_all_sends_what_does_not_fit_at_once(pair):
