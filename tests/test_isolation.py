@@ -304,6 +304,10 @@ def test_per_user_cap(dovecot, special_proxy, proxy_log, round_):
     while not any('reason=evicted: user limit' in line for line in proxy_log.lines):
         assert time.monotonic() < deadline, 'no eviction in the log'
         time.sleep(0.05)
+    # The next round starts once this one's connections are reset and cached.
+    while any(row['active'] for row in proxy.cache.listing() if row['user'] == user):
+        assert time.monotonic() < deadline, 'connections still in use'
+        time.sleep(0.05)
 
 
 def test_reuse_code_when_configured(dovecot):
