@@ -111,23 +111,6 @@ def serve(config) -> int:
 
     raise_file_limit(config)
     server = ProxyServer(config)
-    try:
-        server.start()
-    except OSError as exc:
-        log.error('cannot listen: address=%s:%d error=%s', config.listen_address,
-                  config.listen_port, exc.strerror or exc)
-        return 1
-    if config.proc_username:
-        try:
-            warm_up(config)
-            drop_privileges(config.proc_username, config.proc_groupname)
-        except (OSError, RuntimeError) as exc:
-            log.error('cannot drop privileges: user=%s error=%s', config.proc_username, exc)
-            server.stop(0)
-            return 1
-    warning = root_warning(config, os.geteuid())
-    if warning:
-        log.warning('%s', warning)
     stopping = Event()
 
     def on_stop(signum: int) -> None:
@@ -141,10 +124,30 @@ def serve(config) -> int:
     def on_reload() -> None:
         gevent.spawn(reload, server)
 
+    # The handlers come first: a TERM that arrives as soon as the port answers must
+    # drain and exit 0, not kill the process.
     handlers = [gevent.signal_handler(signum, on_stop, signum)
                 for signum in (signal.SIGTERM, signal.SIGINT)]
     handlers.append(gevent.signal_handler(signal.SIGHUP, on_reload))
     try:
+        try:
+            server.start()
+        except OSError as exc:
+            log.error('cannot listen: address=%s:%d error=%s', config.listen_address,
+                      config.listen_port, exc.strerror or exc)
+            return 1
+        if config.proc_username:
+            try:
+                warm_up(config)
+                drop_privileges(config.proc_username, config.proc_groupname)
+            except (OSError, RuntimeError) as exc:
+                log.error('cannot drop privileges: user=%s error=%s', config.proc_username,
+                          exc)
+                server.stop(0)
+                return 1
+        warning = root_warning(config, os.geteuid())
+        if warning:
+            log.warning('%s', warning)
         stopping.wait()
         server.stop(server.config.shutdown_timeout)
     finally:
