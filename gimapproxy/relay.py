@@ -139,7 +139,6 @@ class Relay:
         """Answer a command the proxy may answer itself, or forward it."""
         if held.kind == 'compress':
             # Compression cannot be spliced into a cached connection (RFC 4978 section 3).
-            self.tracker.refused(held)
             self.send_local(held.tag + b' NO Compression is not available.\r\n')
             return None
         if held.kind == 'profile' and self.take_profile(held):

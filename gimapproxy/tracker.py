@@ -50,7 +50,8 @@ class Held:
     'logout', 'compress', or 'profile': the session's first command that changes
     state asks for `profile` (an ENABLE of `names`, or one that turns CONDSTORE on), and
     a cached connection of that profile may serve the session instead. Nothing is
-    recorded until the relay calls `Tracker.forward` (or `refused`, `answered`)."""
+    recorded until the relay calls `Tracker.forward` (or `answered`); a refused one
+    leaves no trace."""
     __slots__ = ('kind', 'tag', 'name', 'data', 'names', 'profile')
 
     def __init__(self, kind: str, tag: bytes, name: bytes, data: bytes, names=(),
@@ -93,7 +94,6 @@ class Tracker:
         self.unclean: Optional[str] = None
         self.selected: Optional[bool] = False
         self.selecting = 0
-        self.commands = 0            # commands recorded, forwarded or answered here
         self.current: Optional[Command] = None     # the command whose lines are read
         self.idle: Optional[Command] = None         # an IDLE whose ending line is due
         self.waiting: list[Command] = []            # commands owed a "+", in order
@@ -152,13 +152,8 @@ class Tracker:
         self.keywords(self.record(held.tag, held.name, held.data), held.data)
         return held.data
 
-    def refused(self, held: Held) -> None:
-        """The relay refused a Held command itself; nothing was sent."""
-        self.commands += 1
-
     def answered(self, profile: frozenset, enabled) -> None:
         """The relay answered a Held ENABLE itself with a connection of `profile`."""
-        self.commands += 1
         self.pinned = True
         self.adopt(profile, enabled)
 
@@ -218,7 +213,6 @@ class Tracker:
     def record(self, tag: bytes, name: bytes, data: bytes) -> Command:
         """Add a command to what is in flight and note what it does to the session."""
         command = Command(tag, name, COMMANDS.get(name))
-        self.commands += 1
         other = self.inflight.get(tag)
         if other is not None:
             other.copies += 1
