@@ -99,9 +99,11 @@ class ConnectionCache:
         # recently used one, which both expiry and eviction take first.
         self._idle: dict[Entry, None] = {}
         self._slots = 0
-        # Set (and replaced) whenever a slot may have become free: a connection cached
-        # (it can be evicted), closed, or a login given up. Busy logins wait on it.
+        # Set (and replaced) whenever a slot may have become free while a busy login
+        # waits for one: a connection cached (it can be evicted), closed, or a login
+        # given up. Without a waiter nothing is done on those paths.
         self._freed = Event()
+        self._busy_waiters = 0
         self.on_dead: Callable[[Entry], None] = lambda entry: entry.conn.close('dead')
 
     # -- counting ----------------------------------------------------------------------
@@ -204,11 +206,16 @@ class ConnectionCache:
     def wait_freed(self, timeout: float) -> None:
         """Wait, at most `timeout` seconds, until a slot may have become free (then try
         `checkout` and `reserve` again)."""
-        self._freed.wait(timeout)
+        self._busy_waiters += 1
+        try:
+            self._freed.wait(timeout)
+        finally:
+            self._busy_waiters -= 1
 
     def _free(self) -> None:
-        freed, self._freed = self._freed, Event()
-        freed.set()
+        if self._busy_waiters:
+            freed, self._freed = self._freed, Event()
+            freed.set()
 
     def add(self, key: Hashable, verifier: bytes, conn) -> tuple[Entry, list[Entry]]:
         """Register a freshly logged-in connection in a reserved slot; it is active.

@@ -103,10 +103,11 @@ class Lease:
 
     @classmethod
     def acquire(cls, server, session_id: str, key, verifier: bytes, credentials: tuple,
-                id_fields: Optional[list] = None) -> 'Lease':
+                id_fields: Optional[Callable[[], list]] = None) -> 'Lease':
         """A logged-in connection for `key` (authzid, user[, origin]) with an empty
         profile: a cached one whose password verifier matches, or a new login with
-        `credentials` (authzid, user, password), sending `id_fields` first if given.
+        `credentials` (authzid, user, password), sending the ID fields that `id_fields`
+        returns first, if given (called only for a new login).
 
         When the user (max_connections_per_user) or the proxy (cache_size) has no place
         free, it waits up to busy_timeout for one: a connection being reset or closed,
@@ -277,7 +278,7 @@ def checkout(server, key, verifier: bytes, profile: frozenset) -> Optional[Entry
 
 
 def login(server, session_id: str, key, verifier: bytes, credentials: tuple,
-          id_fields: Optional[list]) -> Entry:
+          id_fields: Optional[Callable[[], list]]) -> Entry:
     """Connect and log in a new backend connection in a reserved cache slot.
 
     Raises:
@@ -296,8 +297,8 @@ def login(server, session_id: str, key, verifier: bytes, credentials: tuple,
     try:
         conn = connect(server, session_id, user)
         conn.state = State.LOGGING_IN
-        if id_fields:
-            identify(conn, id_fields, config.login_timeout)
+        if id_fields is not None:
+            identify(conn, id_fields(), config.login_timeout)
         login_as(conn, authzid, user, password, config.login_timeout)
     except LoginRefused as refused:
         cache.unreserve(key)

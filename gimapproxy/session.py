@@ -341,10 +341,10 @@ class ClientSession:
         self.key = (authzid, user, self.origin) if self.config.cache_per_client_ip \
             else (authzid, user)
         started = time.monotonic()
-        fields = None
-        if self.config.forward_client_ip:
-            fields = id_fields(self.client_id, self.address, self.sock.getsockname()[:2],
-                               self.session_id, self.trusted)
+        # Only a new server login sends the ID fields: worked out then, not on every login.
+        fields = (lambda: id_fields(self.client_id, self.address, self.sock.getsockname()[:2],
+                                    self.session_id, self.trusted)) \
+            if self.config.forward_client_ip else None
         try:
             self.lease = Lease.acquire(self.server, self.id, self.key,
                                        self.cache.verifier(password),
