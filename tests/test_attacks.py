@@ -21,29 +21,14 @@ import pytest
 from gimapproxy import make_config
 from gimapproxy.tls import BackendTLS
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, require_dovecot
-from tests.conftest import Backend, start_proxy
-from tests.transcript import (Session, diff, login_results, probe, start_dovecot,
+from tests.transcript import (Session, diff, login_results, module_fixtures, probe,
                               wait_settled)
 from tests.wire import Client
 
 USERS = 60
 
 
-@pytest.fixture(scope='module')
-def server():
-    require_dovecot()
-    dovecot = start_dovecot('atk', USERS)
-    try:
-        yield dovecot
-    finally:
-        dovecot.stop()
-
-
-@pytest.fixture(scope='module')
-def proxy(server):
-    proxy = start_proxy(Backend('dovecot', server, list(server.users.items())))
-    yield proxy
-    proxy.stop(2)
+server, proxy = module_fixtures('atk', USERS)
 
 
 _numbers = itertools.count(1)

@@ -29,10 +29,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, reject, seed, settings
 from hypothesis import strategies as st
 
-from tests.backends import require_dovecot
-from tests.conftest import Backend, start_proxy
-from tests.transcript import (Session, busy, closes_of, diff, login_results, probe,
-                              start_dovecot, wait_settled)
+from tests.transcript import (Session, busy, closes_of, diff, login_results,
+                              module_fixtures, probe, wait_settled)
 
 FUZZ_EXAMPLES = int(os.environ.get('GIMAPPROXY_FUZZ_EXAMPLES', '150'))
 FUZZ_SECONDS = float(os.environ.get('GIMAPPROXY_FUZZ_SECONDS', '60'))
@@ -44,21 +42,7 @@ SETTLE_TIMEOUT = 8.0        # the proxy may finish a departed client's commands 
 CONTINUATION_WAIT = 0.5     # for "+" after a synchronizing literal's announcement
 
 
-@pytest.fixture(scope='module')
-def server():
-    require_dovecot()
-    dovecot = start_dovecot('fz', 2)
-    try:
-        yield dovecot
-    finally:
-        dovecot.stop()
-
-
-@pytest.fixture(scope='module')
-def proxy(server):
-    proxy = start_proxy(Backend('dovecot', server, list(server.users.items())))
-    yield proxy
-    proxy.stop(2)
+server, proxy = module_fixtures('fz', 2)
 
 
 # -- the generator ---------------------------------------------------------------------

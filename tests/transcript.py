@@ -18,6 +18,7 @@ import time
 from typing import Optional
 
 import gevent
+import pytest
 
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot
 from tests.wire import Client
@@ -144,6 +145,30 @@ class Session:
 _PROBE_MESSAGE = (b'From: probe@example.org\r\nSubject: probe\r\n\r\n'
                   b'A message the probe appends and expunges again.\r\n')
 _APPENDUID = re.compile(rb'\[APPENDUID \d+ (\d+)\]')
+
+
+def module_fixtures(prefix: str, users):
+    """The module-scoped `server` (a Dovecot of its own, see start_dovecot) and `proxy`
+    fixtures; a test module assigns both: `server, proxy = module_fixtures(...)`."""
+    from tests.backends import require_dovecot
+    from tests.conftest import Backend, start_proxy
+
+    @pytest.fixture(scope='module')
+    def server():
+        require_dovecot()
+        dovecot = start_dovecot(prefix, users)
+        try:
+            yield dovecot
+        finally:
+            dovecot.stop()
+
+    @pytest.fixture(scope='module')
+    def proxy(server):
+        proxy = start_proxy(Backend('dovecot', server, list(server.users.items())))
+        yield proxy
+        proxy.stop(2)
+
+    return server, proxy
 
 
 def probe(port: int, user: str, password: str, prelude: tuple = ()) -> list[bytes]:
