@@ -1,38 +1,37 @@
 """After login: move bytes between a client and its backend connection until one ends.
 
-The session's greenlet reads the client and forwards its commands; a second greenlet,
-the pump, streams the server's responses back. Neither reads IMAP itself: the client's
-bytes go through the command tracker (gimapproxy.tracker), which frames them as the
-server does and says what each is, and the pump hands it the first line of every server
-response. The relay answers two commands itself: LOGOUT, when the connection is clean
-(once every earlier command has its reply), and COMPRESS (refused). A session's first
-command that changes state may move it to a cached connection of the profile it asks
-for (an ENABLE, or a command that turns CONDSTORE on).
+The session's greenlet carries both directions. It waits on both sockets at once: a
+libev read watcher on each, started once for the relay, whose callback switches into
+the greenlet; the reads and writes themselves never block. What cannot be written at
+once waits in the destination's queue, and a source is not read while its
+destination's queue is over QUEUE_LIMIT, so a peer that stops reading stops only the
+direction that feeds it, and the other goes on, as two greenlets would. A round trip
+costs one wake-up per direction and no greenlet switch beyond it.
 
-Only the pump writes to the client while the relay runs, except for the proxy's own few
-replies, which take `client_lock` first. The pump holds that lock from the first byte of a
-response to its last, so nothing the proxy says can land inside a response.
+Neither direction reads IMAP itself: the client's bytes go through the command tracker
+(gimapproxy.tracker), which frames them as the server does and says what each is, and
+the first line of every server response is handed to it too. The relay answers two
+commands itself: LOGOUT, when the connection is clean (once every earlier command has
+its reply), and COMPRESS (refused). A session's first command that changes state may
+move it to a cached connection of the profile it asks for (an ENABLE, or a command that
+turns CONDSTORE on). The proxy's own words go into the client's queue only between two
+responses, so they never land inside one.
 
 `run()` returns an End; what becomes of the backend connection is the session's and the
 lease's business.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from typing import Optional
 
 import gevent
-from gevent import socket
-from gevent.event import Event
-from gevent.lock import Semaphore
 
-from .backend import BackendError
 from .lease import describe
 from .logfmt import ProtocolTrace
 from .protocol import LiteralData, ProtocolError
-from .sockio import Reader, send_all
+from .sockio import Side
 from .tracker import Held, Tracker, enable_profile
 
 __all__ = ['Relay', 'End']
@@ -40,7 +39,12 @@ __all__ = ['Relay', 'End']
 log = logging.getLogger('gimapproxy.relay')
 
 LOGOUT_WAIT = 60.0            # for replies to commands pipelined before LOGOUT
-RECV_SIZE = 65536
+QUEUE_LIMIT = 256 * 1024      # bytes waiting for one side before its source is not read
+
+# What the session greenlet was woken for (bits of Relay.ready).
+CLIENT_IN, CLIENT_OUT, SERVER_IN, SERVER_OUT, WOKEN = 1, 2, 4, 8, 16
+
+_monotonic = time.monotonic
 
 
 class End:
@@ -73,115 +77,264 @@ class Relay:
         self.idle_timeout = config.idle_timeout
         self.write_timeout = config.write_timeout
         self.trace = ProtocolTrace(log, session_id, user) if trace else None
-        self.quiet = Event()              # set while every reply has reached the client
-        self.quiet.set()
-        self.client_lock = Semaphore()
-        self.pump: Optional[gevent.Greenlet] = None
-        self.pump_end: Optional[End] = None       # why the pump ended by itself
-        self.last_activity = time.monotonic()
-        self.idle = False                         # idle_timeout passed: say BYE
-        self.idle_timer = None
-        self.reader: Optional[Reader] = None      # the client reads, which wake_session ends
+        self.client: Optional[Side] = None
+        self.server: Optional[Side] = None
+        self.hub = self.greenlet = None
+        self.ready = 0                # what woke the greenlet and is not handled yet
+        self.armed = 0                # the watchers started
+        self.waiting = False          # the greenlet waits in `wait`, nowhere else
+        self.last_activity = _monotonic()
+        self.idle = False             # idle_timeout passed: say BYE
+        self.idle_timer = self.timer = None
+        self.local: list[bytes] = []  # the proxy's words, waiting for a response's end
+        self.logout: Optional[Held] = None      # a LOGOUT waiting for earlier replies
+        self.logout_deadline = 0.0
+        self.ending: Optional[End] = None       # the End to return once the client
+        self.ending_deadline = 0.0              # has what it is owed (see `finish`)
+        self.last_words: Optional[bytes] = None
 
     def run(self) -> End:
         """Relay until LOGOUT or either side leaves; return how it ended."""
-        self.sock.settimeout(None)
-        self.reader = Reader(self.sock)
-        tick = self.idle_timeout / 4
-        self.idle_timer = gevent.get_hub().loop.timer(tick, tick)
-        self.idle_timer.start(self.check_idle)
-        self.pump = gevent.spawn(self.pump_server)
+        self.hub = hub = gevent.get_hub()
+        self.greenlet = gevent.getcurrent()
+        self.client = Side(self.sock, hub.loop, CLIENT_IN, CLIENT_OUT)
         try:
-            return self.pump_client()
-        except BackendError as exc:
-            return End('server', 'backend ended: %s' % exc.reason)
+            self.attach(self.lease.conn)
+            tick = self.idle_timeout / 4
+            self.idle_timer = hub.loop.timer(tick, tick)
+            self.idle_timer.start(self.check_idle)
+            return self.loop()
         finally:
-            self.idle_timer.close()
-            self.stop_pump()
-            self.reader.close()
+            for timer in (self.idle_timer, self.timer):
+                if timer is not None:
+                    timer.close()
+            self.client.close()
+            if self.server is not None:
+                self.server.close()
+
+    def attach(self, conn) -> None:
+        """Relay to `conn` from now on."""
+        self.server = Side(conn.sock, self.hub.loop, SERVER_IN, SERVER_OUT)
+        for side in (self.client, self.server):
+            if side.pending():
+                self.ready |= side.in_bit
+
+    # -- the loop --------------------------------------------------------------------
+
+    def loop(self) -> End:
+        """Handle what is ready, then wait for more, until an End."""
+        client, tracker = self.client, self.tracker
+        # Commands pipelined after the login, and a response already buffered.
+        end = self.on_server(b'') or self.on_client(b'')
+        while end is None:
+            ready, self.ready = self.ready, 0
+            server = self.server
+            for side in (client, server):
+                if side.cross & ready:         # a TLS read or write may go on now
+                    side.cross = 0
+                    ready |= side.in_bit | side.out_bit
+            if ready & SERVER_IN and self.reading_server():
+                end = self.read_server()
+            if end is None and ready & CLIENT_IN and self.reading_client():
+                end = self.read_client()
+            if end is None and server.queue and (server.stalled is None or ready & SERVER_OUT):
+                try:
+                    server.flush()
+                except OSError as exc:
+                    end = self.server_gone('send failed: %s' % (exc.strerror or exc))
+            if end is None and client.queue and (client.stalled is None or ready & CLIENT_OUT):
+                try:
+                    client.flush()
+                except OSError as exc:
+                    end = self.client_gone('client gone: write failed: %s'
+                                           % (exc.strerror or exc), self.ending)
+            if end is None:
+                end = self.settle()
+            if end is None and not self.ready and not (
+                    client.queue and client.stalled is None
+                    or server.queue and server.stalled is None):
+                self.wait()
+        return end
+
+    def settle(self) -> Optional[End]:
+        """After each turn: the LOGOUT and ending waits, idle time and write
+        timeouts."""
+        client, server = self.client, self.server
+        if self.logout is not None:
+            end = self.check_logout()
+            if end is not None:
+                return end
+        if self.ending is not None:
+            if self.last_words is None and not client.queue and not server.queue:
+                return self.ending
+            if _monotonic() >= self.ending_deadline:
+                return self.client_gone(self.ending.reason, self.ending)
+        elif self.idle:
+            self.finish(End('client', 'idle timeout'), b'* BYE Idle timeout.\r\n')
+        now = None
+        for side in (client, server):
+            if side.stalled is not None:
+                now = now or _monotonic()
+                if now - side.stalled >= self.write_timeout:
+                    if side is server:
+                        return self.server_gone('send failed: write timeout')
+                    return self.client_gone('client gone: write failed: write timeout')
+        return None
+
+    def reading_client(self) -> bool:
+        return (self.ending is None and self.logout is None
+                and self.server.queued < QUEUE_LIMIT)
+
+    def reading_server(self) -> bool:
+        return ((self.ending is None or self.last_words is not None)
+                and self.client.queued < QUEUE_LIMIT)
+
+    def wait(self) -> None:
+        """Start the watchers for what the loop waits for, stop the others, and wait
+        until one of them, the idle timer or a deadline wakes the greenlet."""
+        client, server = self.client, self.server
+        want = ((CLIENT_IN if self.reading_client() else 0)
+                | (SERVER_IN if self.reading_server() else 0)
+                | (CLIENT_OUT if client.queue else 0) | (SERVER_OUT if server.queue else 0)
+                | client.cross | server.cross)
+        change = want ^ self.armed
+        if change:
+            for side in (client, server):
+                for bit, watcher in side.watchers.items():
+                    if change & bit:
+                        if want & bit:
+                            watcher.start(self.on_ready, bit)
+                        else:
+                            watcher.stop()
+            self.armed = want
+        deadline = self.deadline()
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+        if deadline is not None:
+            self.timer = self.hub.loop.timer(max(0.0, deadline - _monotonic()))
+            self.timer.start(self.wake)
+        self.waiting = True
+        try:
+            self.hub.switch()
+        finally:
+            self.waiting = False
+
+    def deadline(self) -> Optional[float]:
+        """The earliest time the loop must look again without any socket event."""
+        times = [side.stalled + self.write_timeout
+                 for side in (self.client, self.server) if side.stalled is not None]
+        if self.logout is not None:
+            times.append(self.logout_deadline)
+        if self.ending is not None:
+            times.append(self.ending_deadline)
+        return min(times) if times else None
+
+    def on_ready(self, bit: int) -> None:
+        """A watcher's callback, in the hub. Switches into the greenlet only while it
+        waits in `wait`; while it waits elsewhere (a lease checkout), the event is kept
+        and the watcher stopped until the loop starts it again."""
+        self.ready |= bit
+        if self.waiting:
+            self.waiting = False
+            self.greenlet.switch()
+        else:
+            side = self.client if bit & (CLIENT_IN | CLIENT_OUT) else self.server
+            side.watchers[bit].stop()
+            self.armed &= ~bit
+
+    def wake(self) -> None:
+        """The idle timer's and the deadline timer's way in (from the hub)."""
+        self.ready |= WOKEN
+        if self.waiting:
+            self.waiting = False
+            self.greenlet.switch()
+
+    def check_idle(self) -> None:
+        """The idle timer's callback: after idle_timeout of silence both ways, wake the
+        greenlet, which says BYE. The timer ticks four times per idle_timeout, so
+        silence ends the session within 1.25 idle_timeout; the reads carry no timeout,
+        which would cost a timer per read."""
+        if _monotonic() - self.last_activity >= self.idle_timeout:
+            self.idle = True
+            self.idle_timer.stop()
+            self.wake()
 
     # -- client to server ---------------------------------------------------------------
 
-    def pump_client(self) -> End:
-        """Forward the client's input until LOGOUT, EOF or the pump's end."""
-        tracker = self.tracker
-        out: list[bytes] = []
-        while True:
-            while True:
-                try:
-                    event = tracker.next_event()
-                except ProtocolError as exc:
-                    self.flush(out)
-                    tracker.doubt('oversized command')
-                    self.send_local(b'* BYE Command line too long.\r\n')
-                    return End('client', 'client protocol error: %s' % exc)
-                if event is None:
-                    break
-                if self.trace:
-                    self.trace.client(*((event.data, 'first') if isinstance(event, Held)
-                                        else (event, tracker.event_kind)))
-                if event.__class__ is bytes:
-                    out.append(event)
-                    continue
-                self.flush(out)
-                end = self.on_held(event)
-                if end is not None:
-                    return end
-            self.flush(out)
-            data = self.recv_client()
-            if not data:
-                if self.pump_end is not None:
-                    return self.pump_end
-                return End('client', 'idle timeout' if self.idle else 'client closed')
-            tracker.feed(data)
+    def read_client(self) -> Optional[End]:
+        client = self.client
+        try:
+            data = client.recv()
+        except OSError:
+            data = b''
+        if data is None:
+            return None
+        if not data:
+            return self.client_gone('client closed')
+        if client.tls and client.pending():
+            self.ready |= CLIENT_IN
+        self.last_activity = _monotonic()
+        return self.on_client(data)
 
-    def on_held(self, held: Held) -> Optional[End]:
+    def on_client(self, data: bytes) -> Optional[End]:
+        """Feed client bytes to the tracker and queue what it frames for the server."""
+        tracker = self.tracker
+        tracker.feed(data)
+        while self.logout is None and self.ending is None:
+            try:
+                event = tracker.next_event()
+            except ProtocolError as exc:
+                tracker.doubt('oversized command')
+                self.finish(End('client', 'client protocol error: %s' % exc),
+                            b'* BYE Command line too long.\r\n')
+                break
+            if event is None:
+                break
+            if self.trace:
+                self.trace.client(*((event.data, 'first') if isinstance(event, Held)
+                                    else (event, tracker.event_kind)))
+            if event.__class__ is bytes:
+                self.to_server(event)
+            else:
+                self.on_held(event)
+        return None
+
+    def to_server(self, data: bytes) -> None:
+        self.server.put(data)
+        self.counters['bytes_in'] += len(data)
+
+    def on_held(self, held: Held) -> None:
         """Answer a command the proxy may answer itself, or forward it."""
         if held.kind == 'compress':
             # Compression cannot be spliced into a cached connection (RFC 4978 section 3).
-            self.send_local(held.tag + b' NO Compression is not available.\r\n')
-            return None
-        if held.kind == 'profile' and self.take_profile(held):
-            return None
-        if held.kind == 'logout':
-            return self.logout(held)
-        self.flush([self.tracker.forward(held)])
-        return None
+            self.say(held.tag + b' NO Compression is not available.\r\n')
+        elif held.kind == 'profile' and self.take_profile(held):
+            pass
+        elif held.kind == 'logout':
+            # Answered once every earlier command has its reply: see check_logout.
+            self.logout = held
+            self.logout_deadline = _monotonic() + LOGOUT_WAIT
+        else:
+            self.to_server(self.tracker.forward(held))
 
-    def flush(self, out: list) -> None:
-        """Send the collected client bytes to the server in one write."""
-        if out:
-            data = b''.join(out) if len(out) > 1 else out[0]
-            if not self.tracker.quiet:
-                self.quiet.clear()
-            self.lease.conn.send(data)
-            self.counters['bytes_in'] += len(data)
-            out.clear()
-            self.last_activity = time.monotonic()
-
-    def recv_client(self) -> bytes:
-        """Read client bytes; b'' at EOF, error, or idle_timeout of silence both ways."""
-        if self.pump_end is None and not self.idle:
-            try:
-                # In an upload more is on its way: read at once.
-                data = self.reader.recv(RECV_SIZE, not self.tracker.framer.in_literal)
-                self.last_activity = time.monotonic()
-                return data
-            except OSError:
-                pass                     # gone, or woken by the pump or the idle timer
-        if self.idle and self.pump_end is None:
-            self.send_local(b'* BYE Idle timeout.\r\n')
-        return b''
-
-    def check_idle(self) -> None:
-        """The idle timer's callback (in the hub): after idle_timeout of silence both
-        ways, wake the session greenlet, which says BYE. The timer ticks four times per
-        idle_timeout, so silence ends the session within 1.25 idle_timeout; the reads
-        themselves carry no timeout, which would cost a timer per read."""
-        if time.monotonic() - self.last_activity >= self.idle_timeout:
-            self.idle = True
-            self.idle_timer.stop()
-            self.wake_session()
+    def check_logout(self) -> Optional[End]:
+        """LOGOUT on a clean connection: once every earlier command has its reply and
+        the client has it, return the End that has the proxy answer it. When the
+        connection is no longer clean by then, or the replies do not come within
+        LOGOUT_WAIT, the LOGOUT goes to the server, which answers it; the relay goes on
+        until the server closes."""
+        tracker = self.tracker
+        if not (tracker.quiet and not self.client.queue and not self.server.queue
+                and not self.local and self.lease.conn.framer.at_boundary):
+            if _monotonic() < self.logout_deadline:
+                return None
+            tracker.doubt('no reply to commands pipelined before LOGOUT')
+        held, self.logout = self.logout, None
+        if tracker.unclean is None:
+            return End('logout', 'logout', held.tag)
+        self.to_server(tracker.forward(held))
+        return self.on_client(b'')            # commands pipelined after it
 
     def take_profile(self, held: Held) -> bool:
         """Serve a session whose first command that changes state asks for a profile
@@ -191,17 +344,20 @@ class Relay:
         cache as it is. An ENABLE is then answered as the server answered it on a fresh
         connection; any other command goes to the new connection. Returns False when
         there is none: the command then goes to the server as usual."""
-        if not self.quiet.is_set() or not self.tracker.quiet:
+        if not self.tracker.quiet or self.client.queue or self.server.queue or self.local:
             return False
         entry = self.lease.checkout(held.profile)
         if entry is None:
             return False
-        self.stop_pump()
         old = self.lease.conn
         unclean = self.tracker.unclean or (None if old.framer.at_boundary
                                            else 'response in progress')
+        self.server.close()
+        self.armed &= ~(SERVER_IN | SERVER_OUT)
+        self.ready &= ~(SERVER_IN | SERVER_OUT)
         self.lease.switch(entry, unclean)
         conn = self.lease.conn
+        self.attach(conn)
         log.info('profile: id=%s backend=%s result=reused replaced=%s profile=%s', self.id,
                  conn.id, old.id, describe(conn))
         if held.name == b'ENABLE':
@@ -209,106 +365,69 @@ class Relay:
             # The names asked for that the server turned on (QRESYNC brings CONDSTORE).
             on = enable_profile(conn.enabled)
             names = [name for name in held.names if name.upper() in on]
-            self.send_local(b' '.join([b'* ENABLED'] + names) + b'\r\n' + held.tag
-                            + b' OK Enabled.\r\n')
+            self.say(b' '.join([b'* ENABLED'] + names) + b'\r\n' + held.tag
+                     + b' OK Enabled.\r\n')
         else:
             self.tracker.adopt(conn.profile, conn.enabled)
-            self.flush([self.tracker.forward(held)])
-        self.pump = gevent.spawn(self.pump_server)
+            self.to_server(self.tracker.forward(held))
         return True
-
-    def logout(self, held: Held) -> Optional[End]:
-        """LOGOUT on a clean connection: once every earlier command has its reply, stop
-        the pump and return the End that has the proxy answer it. When the connection
-        is no longer clean by then, or the replies do not come, the LOGOUT goes to the
-        server, which answers it; the relay goes on until the server closes."""
-        if not self.quiet.is_set():
-            gevent.wait([self.quiet, self.pump], count=1, timeout=LOGOUT_WAIT)
-        if self.pump.dead:
-            return self.pump_end
-        if not self.quiet.is_set():
-            self.tracker.doubt('no reply to commands pipelined before LOGOUT')
-        if self.tracker.unclean is None:
-            # With the lock held the pump is between responses: stopping it loses no reply.
-            if self.client_lock.acquire(timeout=self.write_timeout):
-                try:
-                    self.stop_pump()
-                finally:
-                    self.client_lock.release()
-                return End('logout', 'logout', held.tag)
-            self.tracker.doubt('client not reading before LOGOUT')
-        self.flush([self.tracker.forward(held)])
-        return None
 
     # -- server to client ----------------------------------------------------------------
 
-    def pump_server(self) -> None:
-        """Stream server responses to the client (the pump greenlet's body).
+    def read_server(self) -> Optional[End]:
+        server = self.server
+        try:
+            data = server.recv()
+        except OSError as exc:
+            return self.server_gone('receive failed: %s' % (exc.strerror or exc))
+        if data is None:
+            return None
+        if not data:
+            return self.server_gone('server closed the connection')
+        if server.tls and server.pending():
+            self.ready |= SERVER_IN
+        self.last_activity = _monotonic()
+        return self.on_server(data)
 
-        Writes whole batches in one send while holding `client_lock`, and keeps the lock
-        while a response is only half written (a literal in progress). When it ends by
-        itself it records why in `pump_end` and wakes the session greenlet.
-        """
-        conn = self.lease.conn
-        framer = conn.framer
-        holding = False
+    def on_server(self, data: bytes) -> Optional[End]:
+        """Frame server bytes, show the tracker the first line of every response, and
+        queue them for the client."""
+        framer = self.lease.conn.framer
+        trace = self.trace
+        framer.feed(data)
+        out = []
+        size = 0
+        owed = self.local or self.last_words is not None     # words for a response's end
         try:
             while True:
-                out = []
-                while True:
-                    event = framer.next_event() if self.trace else framer.next_lines()
-                    if event is None:
-                        break
-                    literal = isinstance(event, LiteralData)
-                    if self.trace:
-                        self.trace.server(event.data, literal)
-                    out.append(event.data if literal
-                               else self.on_lines(event.data, event.first))
-                if out:
-                    if not holding:
-                        self.client_lock.acquire()
-                        holding = True
-                    data = b''.join(out) if len(out) > 1 else out[0]
-                    send_all(self.sock, data, self.write_timeout)
-                    self.counters['bytes_out'] += len(data)
-                    if framer.at_boundary:
-                        self.client_lock.release()
-                        holding = False
-                    if self.tracker.quiet:
-                        self.quiet.set()
-                data = conn.recv(expect=not framer.at_boundary)
-                if not data:
-                    raise BackendError('server closed the connection')
-                self.last_activity = time.monotonic()
-                framer.feed(data)
-        except (BackendError, ProtocolError) as exc:
-            reason = getattr(exc, 'reason', None) or str(exc)
-            if self.tracker.logging_out and self.tracker.server_bye:
-                self.pump_end = End('server', 'logout by the server')
-            else:
-                self.pump_end = End('server', 'backend ended: %s' % reason)
-                if not self.tracker.server_bye:
-                    # The client must not wait for replies that will never come.
-                    self.send_local(b'* BYE Server connection lost.\r\n', holding)
-        except OSError as exc:
-            # The client is gone; its commands may still be finished.
-            self.pump_end = End('client', 'client gone: write failed: %s'
-                                % (exc.strerror or exc))
-        except Exception:
-            self.pump_end = End('server', 'internal error')
-            log.exception('relay failed: id=%s', self.id)
-        finally:
-            if holding:
-                self.client_lock.release()
-        self.wake_session()
+                event = framer.next_event() if trace else framer.next_lines()
+                if event is None:
+                    break
+                literal = isinstance(event, LiteralData)
+                if trace:
+                    trace.server(event.data, literal)
+                data = event.data if literal else self.on_lines(event.data, event.first)
+                out.append(data)
+                size += len(data)
+                if owed and framer.at_boundary:
+                    owed = self.words_owed(out)
+        except ProtocolError as exc:
+            error = str(exc)
+        else:
+            error = None
+        if out:
+            self.client.put(b''.join(out) if len(out) > 1 else out[0])
+            self.counters['bytes_out'] += size
+        return None if error is None else self.server_gone(error)
 
-    def wake_session(self) -> None:
-        """Make the session greenlet's client read return at once: gevent cancels the
-        read it waits in, as it does when another greenlet closes a socket. The session
-        sees `pump_end` and acts on it; nothing is thrown into its other work, and the
-        client socket stays usable (a TLS one too) for a last BYE. When the session is
-        not reading, `recv_client` sees `pump_end` before it waits."""
-        self.reader.wake(socket.error(errno.ECANCELED, 'woken'))
+    def words_owed(self, out: list) -> bool:
+        """Add the proxy's words that waited for a response's end to `out`."""
+        out.extend(self.local)
+        self.local.clear()
+        if self.last_words is not None:
+            out.append(self.last_words)
+            self.last_words = None
+        return False
 
     def on_lines(self, data: bytes, first: bool) -> bytes:
         """Hand the tracker the first line of every response among the whole lines in
@@ -324,22 +443,59 @@ class Relay:
                 changed = True
         return b'\n'.join(lines) if changed else data
 
-    def stop_pump(self) -> None:
-        pump, self.pump = self.pump, None
-        if pump is not None and not pump.dead:
-            # Ends the pump at its current wait (a server read or the client lock).
-            pump.kill(block=True)
+    # -- ending --------------------------------------------------------------------------
 
-    def send_local(self, data: bytes, locked: bool = False) -> None:
-        """Write a response of the proxy's own while the pump may be writing too. When
-        the pump holds the client for longer than write_timeout (a server that stalls in
-        the middle of a response), the words are dropped rather than waited for."""
-        if not locked and not self.client_lock.acquire(timeout=self.write_timeout):
-            return
-        try:
-            send_all(self.sock, data, self.write_timeout)
-        except OSError:
-            pass
-        finally:
-            if not locked:
-                self.client_lock.release()
+    def say(self, words: bytes) -> None:
+        """Queue a response of the proxy's own for the client, at the end of the server
+        response in progress, if any."""
+        if self.lease.conn.framer.at_boundary and not self.local:
+            self.client.put(words)
+        else:
+            self.local.append(words)
+
+    def finish(self, end: End, last_words: bytes) -> None:
+        """End the session from the client's side with `last_words` (a BYE): stop
+        reading the client, go on reading the server until its response in progress
+        is whole, then send what the client is owed and return `end`, all within
+        write_timeout."""
+        self.ending = end
+        self.ending_deadline = _monotonic() + self.write_timeout
+        if self.lease.conn.framer.at_boundary and not self.local:
+            self.client.put(last_words)
+        else:
+            self.last_words = last_words
+
+    def client_gone(self, reason: str, end: Optional[End] = None) -> End:
+        """The relay ends with the client; commands already framed for the server go
+        to it now, or the connection is not reused (the lease then cannot tell which
+        replies to wait for)."""
+        server = self.server
+        if server.queue:
+            try:
+                server.flush()
+            except OSError:
+                pass
+            if server.queue:
+                self.tracker.doubt('client commands not sent to the server')
+        return end or End('client', reason)
+
+    def server_gone(self, reason: str) -> Optional[End]:
+        """The backend connection failed or closed: the client gets what was read, then
+        a BYE unless the server said one, within write_timeout."""
+        tracker = self.tracker
+        self.server.queue.clear()
+        self.server.queued = 0
+        self.server.stalled = None
+        self.last_words = None
+        if tracker.logging_out and tracker.server_bye:
+            end = End('server', 'logout by the server')
+        else:
+            end = End('server', 'backend ended: %s' % reason)
+            if not tracker.server_bye:
+                # The client must not wait for replies that will never come.
+                self.client.put(b'* BYE Server connection lost.\r\n')
+        self.ending = end
+        self.ending_deadline = _monotonic() + self.write_timeout
+        self.logout = None
+        self.local.clear()
+        return None

@@ -4,22 +4,24 @@ gevent's `sendall` asks the kernel for the send buffer size, takes the time and 
 memoryview before its first `send`; a response of a few hundred bytes needs none of
 that. `recv_when_ready` waits before it reads where gevent's `recv` would try, fail with
 EAGAIN and then wait. `readable` asks the kernel directly, without yielding to the hub
-as a monkey-patched `select` does. `Reader` is a read that another greenlet can wake.
+as a monkey-patched `select` does. `Side` is one socket of the relay, which never blocks
+on it: the relay waits on both of its sockets at once.
 
-Waiting before reading, and waking a read, use the read watcher each gevent socket keeps
-(`_read_event`, waited on with `_wait`): private gevent API, unchanged from gevent 1.3
-through 26. Whether it is there is checked once, at import (SOCKET_WATCHER). Without it,
-the same work is done with public API only: plain `recv`, and a read watcher of our own
-waited on with `gevent.socket.wait` and woken with `gevent.socket.cancel_wait`.
+Waiting before reading uses the read watcher each gevent socket keeps (`_read_event`,
+waited on with `_wait`): private gevent API, unchanged from gevent 1.3 through 26.
+Whether it is there is checked once, at import (SOCKET_WATCHER). Without it, the read is
+a plain `recv`. `Side` uses public API only: watchers of its own (`loop.io`), and the
+socket with a zero timeout.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import gevent
 from gevent import monkey, socket, ssl
 
-__all__ = ['send_all', 'recv_when_ready', 'readable', 'Reader']
+__all__ = ['send_all', 'recv_when_ready', 'readable', 'Side', 'RECV_SIZE']
 
 # The real poll(), whether or not the process is monkey-patched: with a zero timeout it
 # never blocks, and it must not switch greenlets under the caller. Not select(): it
@@ -36,6 +38,9 @@ def _has_socket_watcher() -> bool:
 
 
 SOCKET_WATCHER = _has_socket_watcher()
+
+RECV_SIZE = 65536
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
 
 
 def send_all(sock, data: bytes, timeout: Optional[float]) -> None:
@@ -76,48 +81,93 @@ def recv_when_ready(sock, size: int) -> bytes:
     return sock.recv(size)
 
 
-class Reader:
-    """Reads of one gevent socket (plain or TLS) by one greenlet, which another greenlet
-    or a hub callback can wake: `wake(error)` makes a read in progress raise `error`,
-    and leaves the socket usable. A wake while no read waits does nothing.
+class Side:
+    """One socket of the relay, non-blocking while the relay runs: reads, a queue of
+    bytes to write, and the read and write watchers the relay starts and stops.
 
-    With gevent's own read watcher the reads are `recv_when_ready` and gevent's `recv`,
-    and `wake` cancels that watcher's wait. Without it, every read first waits on a read
-    watcher of the Reader's own (public loop API), which `wake` cancels. There a TLS
-    record that has only partly arrived is waited for inside gevent's `recv`, where no
-    wake reaches. `close()` releases the watcher; the socket is the caller's.
+    A TLS write that could not finish must be retried with the same bytes (OpenSSL's
+    rule), so the queue's first item is then kept as it is. A TLS operation may also
+    need the other readiness (a read that must write, or a write that must read first):
+    `cross` then holds the bit of the watcher it waits for.
     """
-    __slots__ = ('sock', 'watcher')
+    __slots__ = ('sock', 'tls', 'in_bit', 'out_bit', 'watchers', 'queue', 'queued',
+                 'stalled', 'retry', 'cross')
 
-    def __init__(self, sock) -> None:
+    def __init__(self, sock, loop, in_bit: int, out_bit: int) -> None:
         self.sock = sock
-        self.watcher = None if SOCKET_WATCHER else gevent.get_hub().loop.io(sock.fileno(), 1)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.in_bit, self.out_bit = in_bit, out_bit
+        fd = sock.fileno()
+        self.watchers = {in_bit: loop.io(fd, 1), out_bit: loop.io(fd, 2)}
+        self.queue: list = []         # bytes, the first perhaps a memoryview of the rest
+        self.queued = 0
+        self.stalled: Optional[float] = None   # since when a write could not go on
+        self.retry = False            # a TLS write of queue[0] is half done
+        self.cross = 0
+        sock.settimeout(0.0)
 
-    def recv(self, size: int, wait_first: bool = True) -> bytes:
-        """Read up to `size` bytes; b'' at EOF. `wait_first`: nothing is expected yet
-        (see recv_when_ready); False when more is known to be on its way.
+    def pending(self) -> bool:
+        """True when a TLS socket holds decrypted bytes the kernel cannot report."""
+        return self.tls and self.sock.pending() > 0
 
-        Raises:
-            OSError: as `recv` does, or the error given to `wake`.
-        """
-        if self.watcher is None:
-            return recv_when_ready(self.sock, size) if wait_first else self.sock.recv(size)
-        if not _pending(self.sock):
-            socket.wait(self.watcher, self.sock.gettimeout(), socket.timeout('timed out'))
-        return self.sock.recv(size)
+    def recv(self) -> Optional[bytes]:
+        """Up to RECV_SIZE bytes; b'' at EOF; None when nothing can be read now.
+        Raises OSError."""
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except _WOULD_BLOCK:
+            return None
+        except ssl.SSLWantWriteError:
+            self.cross = self.out_bit
+            return None
 
-    def wake(self, error: BaseException) -> None:
-        """Make the read in progress, if any, raise `error` (from the hub, soon after)."""
-        watcher = self.watcher
-        if watcher is None:
-            watcher = getattr(self.sock, '_read_event', None)     # None: closed
-        if watcher is not None:
-            socket.cancel_wait(watcher, error)
+    def put(self, data: bytes) -> None:
+        self.queue.append(data)
+        self.queued += len(data)
+
+    def flush(self) -> None:
+        """Write what the socket takes now; keep the rest. Raises OSError."""
+        queue = self.queue
+        while queue:
+            if len(queue) > 1 and not self.retry:
+                queue[:] = [b''.join(queue)]
+            data = queue[0]
+            sent = self.send(data)
+            if not sent:
+                if self.stalled is None:
+                    self.stalled = time.monotonic()
+                return
+            self.stalled = None
+            self.queued -= sent
+            if sent == len(data):
+                del queue[0]
+            else:
+                queue[0] = memoryview(data)[sent:]
+
+    def send(self, data) -> int:
+        """Write some of `data` without waiting; 0 when the socket takes none now."""
+        if not self.tls:
+            try:
+                return self.sock.send(data, 0, 0.0)
+            except BlockingIOError:
+                return 0
+        try:
+            sent = self.sock.write(data)
+        except ssl.SSLWantWriteError:
+            sent = 0
+        except ssl.SSLWantReadError:
+            self.cross, sent = self.in_bit, 0
+        self.retry = not sent
+        return sent
 
     def close(self) -> None:
-        """Release the Reader's own watcher; no read may follow."""
-        if self.watcher is not None:
-            self.watcher.close()
+        """Stop and release the watchers; the socket blocks (gevent-style) again."""
+        for watcher in self.watchers.values():
+            watcher.close()
+        try:
+            self.sock.settimeout(None)
+        except OSError:
+            pass
 
 
 def readable(sock) -> bool:

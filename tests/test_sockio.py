@@ -9,7 +9,7 @@ import pytest
 from gevent import socket
 
 from gimapproxy import sockio
-from gimapproxy.sockio import Reader, readable, recv_when_ready, send_all
+from gimapproxy.sockio import Side, readable, recv_when_ready, send_all
 
 
 @pytest.fixture(params=['socket watcher', 'public'])
@@ -83,49 +83,83 @@ def test_recv_when_ready_is_woken_by_close(gevent_api):
     b.close()
 
 
-def read_in_greenlet(reader, size=100, wait_first=True):
-    def read():
-        try:
-            return reader.recv(size, wait_first)
-        except OSError as exc:
-            return exc
-    return gevent.spawn(read)
+def side_of(sock) -> Side:
+    return Side(sock, gevent.get_hub().loop, 1, 2)
 
 
-@pytest.mark.parametrize('wait_first', [True, False])
-def test_reader_reads_and_is_woken(pair, gevent_api, wait_first):
+def test_side_reads_without_blocking(pair):
     a, b = pair
-    reader = Reader(a)
+    side = side_of(a)
     try:
-        later = gevent.spawn_later(0.05, b.sendall, b'hello')
-        assert reader.recv(100, wait_first) == b'hello'
-        later.join()
-        reader.wake(OSError('nobody reads: nothing happens'))
+        assert side.recv() is None                 # nothing there: no wait
+        b.sendall(b'hello')
         gevent.sleep(0.01)
-        waiting = read_in_greenlet(reader, wait_first=wait_first)
-        gevent.sleep(0.05)
-        assert not waiting.ready()                  # nothing sent: it waits
-        reader.wake(OSError('woken'))
-        assert str(waiting.get(timeout=2)) == 'woken'
-        b.sendall(b'still usable')                  # the socket survives the wake
-        assert reader.recv(100, wait_first) == b'still usable'
-        a.sendall(b'both ways')
-        assert b.recv(100) == b'both ways'
+        assert side.recv() == b'hello'
         b.close()
-        assert reader.recv(100, wait_first) == b''
+        gevent.sleep(0.01)
+        assert side.recv() == b''                  # EOF
     finally:
-        reader.close()
+        side.close()
+    assert a.gettimeout() is None                  # blocking (gevent-style) again
 
 
-def test_reader_honours_the_socket_timeout(pair, gevent_api):
-    a, _ = pair
-    a.settimeout(0.1)
-    reader = Reader(a)
+def test_side_queues_what_the_socket_does_not_take(pair):
+    a, b = pair
+    side = side_of(a)
+    data = os.urandom(8 * 1024 * 1024)             # far more than the socket buffers hold
     try:
-        with pytest.raises(stdsocket.timeout):
-            reader.recv(100)
+        side.put(data[:3])
+        side.put(data[3:])
+        side.flush()
+        assert side.queue and 0 < side.queued < len(data)
+        assert side.stalled is not None            # since when it could not go on
+        received = bytearray()
+        while side.queue:
+            received += b.recv(1 << 20)
+            side.flush()
+        while len(received) < len(data):
+            received += b.recv(1 << 20)
+        assert bytes(received) == data and side.queued == 0 and side.stalled is None
+        b.close()
+        side.put(b'x' * (1 << 20))
+        with pytest.raises(OSError):
+            for _ in range(10):
+                side.flush()
     finally:
-        reader.close()
+        side.close()
+
+
+def test_side_over_tls_retries_a_write_with_the_same_bytes(pki):
+    """A TLS write the socket cannot take keeps the queue's first item as it is (OpenSSL
+    wants the same bytes again), and the bytes arrive whole and in order."""
+    left, right = socket.socketpair()
+    server = gevent.spawn(pki.server_context().wrap_socket, right, server_side=True)
+    client = pki.client_context(check_hostname=False).wrap_socket(left)
+    peer = server.get(timeout=5)
+    side = side_of(client)
+    try:
+        first, second = os.urandom(4 << 20), os.urandom(1 << 20)
+        side.put(first)
+        side.flush()
+        assert side.queue
+        head = side.queue[0]
+        side.put(second)
+        side.flush()
+        if side.retry:
+            assert side.queue[0] is head           # not joined with what came after
+        received = bytearray()
+        while side.queue or len(received) < len(first) + len(second):
+            received += peer.recv(1 << 20)
+            side.flush()
+        assert bytes(received) == first + second
+        assert side.recv() is None
+        peer.sendall(b'over tls')
+        gevent.sleep(0.05)
+        assert side.recv() == b'over tls'
+    finally:
+        side.close()
+        client.close()
+        peer.close()
 
 
 def test_send_all_sends_what_does_not_fit_at_once(pair):
