@@ -129,13 +129,13 @@ class Relay:
         while end is None:
             ready, self.ready = self.ready, 0
             server = self.server
-            for side in (client, server):
-                if side.cross & ready:         # a TLS read or write may go on now
-                    side.cross = 0
-                    ready |= side.in_bit | side.out_bit
-            if ready & SERVER_IN and self.reading_server():
+            if client.cross or server.cross:
+                ready = self.crossed(ready)
+            if (ready & SERVER_IN and client.queued < QUEUE_LIMIT
+                    and (self.ending is None or self.last_words is not None)):
                 end = self.read_server()
-            if end is None and ready & CLIENT_IN and self.reading_client():
+            if (end is None and ready & CLIENT_IN and server.queued < QUEUE_LIMIT
+                    and self.ending is None and self.logout is None):
                 end = self.read_client()
             if end is None and server.queue and (server.stalled is None or ready & SERVER_OUT):
                 try:
@@ -148,13 +148,22 @@ class Relay:
                 except OSError as exc:
                     end = self.client_gone('client gone: write failed: %s'
                                            % (exc.strerror or exc), self.ending)
-            if end is None:
+            if end is None and (self.logout or self.ending or self.idle or client.stalled
+                                or server.stalled):
                 end = self.settle()
             if end is None and not self.ready and not (
                     client.queue and client.stalled is None
                     or server.queue and server.stalled is None):
                 self.wait()
         return end
+
+    def crossed(self, ready: int) -> int:
+        """A TLS read that had to write, or a write that had to read, may go on."""
+        for side in (self.client, self.server):
+            if side.cross & ready:
+                side.cross = 0
+                ready |= side.in_bit | side.out_bit
+        return ready
 
     def settle(self) -> Optional[End]:
         """After each turn: the LOGOUT and ending waits, idle time and write
@@ -181,20 +190,14 @@ class Relay:
                     return self.client_gone('client gone: write failed: write timeout')
         return None
 
-    def reading_client(self) -> bool:
-        return (self.ending is None and self.logout is None
-                and self.server.queued < QUEUE_LIMIT)
-
-    def reading_server(self) -> bool:
-        return ((self.ending is None or self.last_words is not None)
-                and self.client.queued < QUEUE_LIMIT)
-
     def wait(self) -> None:
         """Start the watchers for what the loop waits for, stop the others, and wait
         until one of them, the idle timer or a deadline wakes the greenlet."""
         client, server = self.client, self.server
-        want = ((CLIENT_IN if self.reading_client() else 0)
-                | (SERVER_IN if self.reading_server() else 0)
+        want = ((CLIENT_IN if self.ending is None and self.logout is None
+                 and server.queued < QUEUE_LIMIT else 0)
+                | (SERVER_IN if client.queued < QUEUE_LIMIT
+                   and (self.ending is None or self.last_words is not None) else 0)
                 | (CLIENT_OUT if client.queue else 0) | (SERVER_OUT if server.queue else 0)
                 | client.cross | server.cross)
         change = want ^ self.armed
@@ -207,28 +210,30 @@ class Relay:
                         else:
                             watcher.stop()
             self.armed = want
-        deadline = self.deadline()
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
-        if deadline is not None:
-            self.timer = self.hub.loop.timer(max(0.0, deadline - _monotonic()))
-            self.timer.start(self.wake)
+        if (self.timer is not None or client.stalled or server.stalled or self.logout
+                or self.ending):
+            self.set_timer()
         self.waiting = True
         try:
             self.hub.switch()
         finally:
             self.waiting = False
 
-    def deadline(self) -> Optional[float]:
-        """The earliest time the loop must look again without any socket event."""
+    def set_timer(self) -> None:
+        """Wake the greenlet at the earliest deadline (a write that cannot go on, the
+        LOGOUT and ending waits), or not at all when there is none."""
         times = [side.stalled + self.write_timeout
                  for side in (self.client, self.server) if side.stalled is not None]
         if self.logout is not None:
             times.append(self.logout_deadline)
         if self.ending is not None:
             times.append(self.ending_deadline)
-        return min(times) if times else None
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+        if times:
+            self.timer = self.hub.loop.timer(max(0.0, min(times) - _monotonic()))
+            self.timer.start(self.wake)
 
     def on_ready(self, bit: int) -> None:
         """A watcher's callback, in the hub. Switches into the greenlet only while it
@@ -279,7 +284,7 @@ class Relay:
 
     def on_client(self, data: bytes) -> Optional[End]:
         """Feed client bytes to the tracker and queue what it frames for the server."""
-        tracker = self.tracker
+        tracker, server = self.tracker, self.server
         tracker.feed(data)
         while self.logout is None and self.ending is None:
             try:
@@ -295,7 +300,8 @@ class Relay:
                 self.trace.client(*((event.data, 'first') if isinstance(event, Held)
                                     else (event, tracker.event_kind)))
             if event.__class__ is bytes:
-                self.to_server(event)
+                server.put(event)
+                self.counters['bytes_in'] += len(event)
             else:
                 self.on_held(event)
         return None

@@ -10,11 +10,13 @@ on it: the relay waits on both of its sockets at once.
 Waiting before reading uses the read watcher each gevent socket keeps (`_read_event`,
 waited on with `_wait`): private gevent API, unchanged from gevent 1.3 through 26.
 Whether it is there is checked once, at import (SOCKET_WATCHER). Without it, the read is
-a plain `recv`. `Side` uses public API only: watchers of its own (`loop.io`), and the
-socket with a zero timeout.
+a plain `recv`. `Side` waits with watchers of its own (`loop.io`, public API) and reads
+and writes the system socket a gevent socket wraps (`_sock`, private) when it is there,
+and the gevent socket with a zero timeout when not.
 """
 from __future__ import annotations
 
+import _socket
 import time
 from typing import Optional
 
@@ -38,6 +40,11 @@ def _has_socket_watcher() -> bool:
 
 
 SOCKET_WATCHER = _has_socket_watcher()
+
+# gevent's plain sockets wrap a system socket, kept non-blocking, as `_sock`: private API
+# too, there from gevent 1.0 through 26. Side checks its type before it uses it; the
+# tests flip this to run without it.
+RAW_SOCKET = True
 
 RECV_SIZE = 65536
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
@@ -85,17 +92,23 @@ class Side:
     """One socket of the relay, non-blocking while the relay runs: reads, a queue of
     bytes to write, and the read and write watchers the relay starts and stops.
 
+    A plain socket is read and written through the system socket gevent wraps (`raw`),
+    which spares gevent's Python-level wrapper a call per read and per write; without it
+    (RAW_SOCKET false) the gevent socket, with a zero timeout, does the same.
+
     A TLS write that could not finish must be retried with the same bytes (OpenSSL's
     rule), so the queue's first item is then kept as it is. A TLS operation may also
     need the other readiness (a read that must write, or a write that must read first):
     `cross` then holds the bit of the watcher it waits for.
     """
-    __slots__ = ('sock', 'tls', 'in_bit', 'out_bit', 'watchers', 'queue', 'queued',
+    __slots__ = ('sock', 'raw', 'tls', 'in_bit', 'out_bit', 'watchers', 'queue', 'queued',
                  'stalled', 'retry', 'cross')
 
     def __init__(self, sock, loop, in_bit: int, out_bit: int) -> None:
         self.sock = sock
         self.tls = isinstance(sock, ssl.SSLSocket)
+        raw = getattr(sock, '_sock', None) if RAW_SOCKET and not self.tls else None
+        self.raw = raw if isinstance(raw, _socket.socket) else sock
         self.in_bit, self.out_bit = in_bit, out_bit
         fd = sock.fileno()
         self.watchers = {in_bit: loop.io(fd, 1), out_bit: loop.io(fd, 2)}
@@ -114,7 +127,7 @@ class Side:
         """Up to RECV_SIZE bytes; b'' at EOF; None when nothing can be read now.
         Raises OSError."""
         try:
-            return self.sock.recv(RECV_SIZE)
+            return self.raw.recv(RECV_SIZE)
         except _WOULD_BLOCK:
             return None
         except ssl.SSLWantWriteError:
@@ -132,7 +145,13 @@ class Side:
             if len(queue) > 1 and not self.retry:
                 queue[:] = [b''.join(queue)]
             data = queue[0]
-            sent = self.send(data)
+            if self.tls:
+                sent = self.send_tls(data)
+            else:
+                try:
+                    sent = self.raw.send(data)
+                except BlockingIOError:
+                    sent = 0
             if not sent:
                 if self.stalled is None:
                     self.stalled = time.monotonic()
@@ -144,13 +163,9 @@ class Side:
             else:
                 queue[0] = memoryview(data)[sent:]
 
-    def send(self, data) -> int:
-        """Write some of `data` without waiting; 0 when the socket takes none now."""
-        if not self.tls:
-            try:
-                return self.sock.send(data, 0, 0.0)
-            except BlockingIOError:
-                return 0
+    def send_tls(self, data) -> int:
+        """Write `data` over TLS without waiting: all of it, or 0 when the socket takes
+        none now (then the same bytes must come again)."""
         try:
             sent = self.sock.write(data)
         except ssl.SSLWantWriteError:

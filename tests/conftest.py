@@ -164,4 +164,4 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption('--gevent-api') == 'public':
         from gimapproxy import sockio
-        sockio.SOCKET_WATCHER = False
+        sockio.SOCKET_WATCHER = sockio.RAW_SOCKET = False

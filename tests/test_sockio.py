@@ -18,6 +18,7 @@ def gevent_api(request, monkeypatch):
     if request.param == 'socket watcher' and not sockio._has_socket_watcher():
         pytest.skip('this gevent has no socket read watcher')
     monkeypatch.setattr(sockio, 'SOCKET_WATCHER', request.param == 'socket watcher')
+    monkeypatch.setattr(sockio, 'RAW_SOCKET', request.param == 'socket watcher')
     return request.param
 
 
@@ -87,9 +88,10 @@ def side_of(sock) -> Side:
     return Side(sock, gevent.get_hub().loop, 1, 2)
 
 
-def test_side_reads_without_blocking(pair):
+def test_side_reads_without_blocking(pair, gevent_api):
     a, b = pair
     side = side_of(a)
+    assert (side.raw is not a) == (gevent_api == 'socket watcher')
     try:
         assert side.recv() is None                 # nothing there: no wait
         b.sendall(b'hello')
@@ -103,7 +105,7 @@ def test_side_reads_without_blocking(pair):
     assert a.gettimeout() is None                  # blocking (gevent-style) again
 
 
-def test_side_queues_what_the_socket_does_not_take(pair):
+def test_side_queues_what_the_socket_does_not_take(pair, gevent_api):
     a, b = pair
     side = side_of(a)
     data = os.urandom(8 * 1024 * 1024)             # far more than the socket buffers hold
