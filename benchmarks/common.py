@@ -58,8 +58,9 @@ def wait_greeting(port, proc, timeout=15.0):
     return False
 
 
-def start_proxy(workdir, server_port, settings):
-    """Start bin/gimapproxy on a free port in front of 127.0.0.1:`server_port`.
+def start_proxy(workdir, server_port, settings, tree=None):
+    """Start bin/gimapproxy on a free port in front of 127.0.0.1:`server_port`; with
+    `tree`, the one of that source tree (another revision, see export_revision).
 
     `settings` (key -> value) are added to the ini (listen_port and server_hostname
     too, when given there); everything else keeps the proxy's
@@ -78,14 +79,35 @@ def start_proxy(workdir, server_port, settings):
     with open(ini, 'w') as f:
         f.write('[gimapproxy]\n' + ''.join('%s = %s\n' % kv for kv in values.items()))
     log_path = ini[:-4] + '.log'
+    env = dict(os.environ, PYTHONPATH=tree) if tree else None
     with open(log_path, 'wb') as out:
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'bin', 'gimapproxy'),
-                                 '-c', ini], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen([sys.executable, os.path.join(tree or REPO, 'bin', 'gimapproxy'),
+                                 '-c', ini], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                env=env)
     if wait_greeting(port, proc):
         return proc, port, log_path
     stop_process(proc)
     with open(log_path, errors='replace') as f:
         raise RuntimeError('gimapproxy did not start on port %d:\n%s' % (port, f.read()[-2000:]))
+
+
+def export_revision(revision, directory):
+    """Write the repository's tree as of git `revision` into `directory` (made anew);
+    return it. Raises RuntimeError when git cannot (no git, no repository, no such
+    revision)."""
+    os.makedirs(directory)
+    try:
+        archive = subprocess.run(['git', '-C', REPO, 'archive', '--format=tar', revision],
+                                 capture_output=True, timeout=60)
+        if archive.returncode == 0:
+            subprocess.run(['tar', '-x', '-C', directory], input=archive.stdout, check=True,
+                           capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError('cannot export revision %s: %s' % (revision, exc)) from None
+    if archive.returncode != 0:
+        raise RuntimeError('cannot export revision %s: %s' % (
+            revision, archive.stderr.decode(errors='replace').strip()))
+    return directory
 
 
 def stop_process(proc):

@@ -6,7 +6,8 @@ Debian's up-imapproxy with and without TCP_NODELAY (benchmarks/tools/nodelay.c
 preloaded), bin/gimapproxy (also as two processes sharing a port with reuse_port), drives
 them with benchmarks/tools/imapload.c (all built with gcc on first use), alternates the
 endpoints round by round, and prints one table (the median per endpoint, the ratios, the
-target and PASS/FAIL) and the performance goals, each PASS or MISS with its ratio. The
+target and PASS/FAIL) and the performance goals, each PASS or MISS with its ratio. With
+--before REV, gimapproxy as of that git revision runs in the same rounds too. The
 exit status is 0 whenever it ran (FAIL and MISS too) and 2 when it could not.
 benchmarks/README.md says how each row is measured.
 """
@@ -28,8 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import goals, upimapproxy  # noqa: E402
-from benchmarks.common import (HOST, Dovecot, build_tool, find_imapload,  # noqa: E402
-                               finish_imapload, fmt, free_port, log,
+from benchmarks.common import (HOST, Dovecot, build_tool, export_revision,  # noqa: E402
+                               find_imapload, finish_imapload, fmt, free_port, log,
                                missing_for_benchmark, on_signal, proc_cpu_rss,
                                start_imapload, start_proxy, stop_process,
                                task_cpu, task_wait, wait_greeting)
@@ -43,8 +44,10 @@ COLUMNS = {'direct': 'direct', 'relay': 'relay', 'up': 'up-imapprx', 'upnd': 'up
            'proxy': 'proxy'}
 PLAIN = ENDPOINTS
 # Which endpoints each scenario runs against (those that are up).
-SCENARIO_ENDPOINTS = {'cycle1': PLAIN, 'cycle16': PLAIN + ('upnd_tls', 'proxy_tls', 'proxy2'),
-                      'noop': PLAIN, 'bulk': PLAIN + ('upnd_tls', 'proxy_tls'),
+# 'before' (--before) is gimapproxy as of another revision.
+SCENARIO_ENDPOINTS = {'cycle1': PLAIN + ('before',),
+                      'cycle16': PLAIN + ('before', 'upnd_tls', 'proxy_tls', 'proxy2'),
+                      'noop': PLAIN + ('before',), 'bulk': PLAIN + ('before', 'upnd_tls', 'proxy_tls'),
                       'condstore16': ('direct', 'proxy')}
 PROXIES = ('proxy', 'proxy_tls', 'proxy2')     # gimapproxy endpoints, for the error count
 USERS = 20                                   # user1..user20 / secret1..secret20
@@ -458,6 +461,26 @@ def make_rows(res):
     return rows
 
 
+BEFORE_AFTER = (('cycles/s, 1 client', 'cycle1', lambda r: r['rate']),
+                ('cycles/s, 16 clients', 'cycle16', lambda r: r['rate']),
+                ('CPU us per cycle, 1 client', 'cycle1', cpu_us('cycle')),
+                ('CPU us per cycle, 16 clients', 'cycle16', cpu_us('cycle')),
+                ('NOOP round trip p50, us', 'noop', lambda r: r['p50_us']),
+                ('CPU us per NOOP', 'noop', cpu_us('noop')),
+                ('10 MiB FETCH, MB/s', 'bulk', lambda r: r['mb_per_s']))
+
+
+def before_after(runs):
+    """[(figure, before, now)]: gimapproxy as of --before against this tree, medians of
+    the same rounds; empty without --before."""
+    out = []
+    for name, scenario, value in BEFORE_AFTER:
+        v = medians(runs, scenario, value)
+        if 'before' in v:
+            out.append((name, v['before'], v.get('proxy')))
+    return out
+
+
 def print_report(report):
     """Print the settings, the table and the notes as plain text."""
     s = report['settings']
@@ -478,6 +501,12 @@ def print_report(report):
         ratio_text = ('%.2f %s' % (row['ratio'], row['ratio_of'])) if row['ratio'] else ''
         result = {True: 'PASS', False: 'FAIL', None: ''}[row['pass']]
         print(line % (row['scenario'], *cells, ratio_text, row['target'], result))
+    if report['before_after']:
+        print('\nsince %s (same run)                     before        now   now/before'
+              % report['settings']['before'])
+        for name, before, now in report['before_after']:
+            print('%-40s %10s %10s %12s' % (name, fmt(before, '.1f'), fmt(now, '.1f'),
+                                            fmt(ratio(now, before), '.2f')))
     print('\n' + goals.format_goals(report['goals']))
     for note in report['notes']:
         print('NOTE: ' + note)
@@ -498,6 +527,9 @@ def parse_args(argv=None):
                    help="compare with a Dovecot whose imap-login runs in high-performance "
                         "mode (service_count = 0), not with Dovecot's defaults")
     p.add_argument('--quick', action='store_true', help='1 short round, few sessions')
+    p.add_argument('--before', metavar='REV',
+                   help='also run gimapproxy as of git revision REV, in the same rounds, and '
+                        'print how each figure changed since')
     p.add_argument('--json', action='store_true', help='print one JSON object instead')
     args = p.parse_args(argv)
     defaults = ({'rounds': 1, 'seconds': 0.7, 'warmup': 0.2, 'idle_sessions': 200,
@@ -613,6 +645,12 @@ def start_peers(stack, bench, workdir, relay_path, users):
     stack.callback(stop_process, proxy)
     bench.add('proxy', port, [proxy.pid])
     logs = [proxy_log]
+    if args.before:
+        tree = export_revision(args.before, os.path.join(workdir, 'before'))
+        proc, port, before_log = start_proxy(workdir, compare.port, PROXY_SETTINGS, tree)
+        stack.callback(stop_process, proc)
+        bench.add('before', port, [proc.pid])
+        logs.append(before_log)
     if args.quick:
         reason = 'skipped by --quick (a full run measures them)'
         bench.skipped.update(up=reason, upnd=reason, upnd_tls=reason, proxy_tls=reason,
@@ -752,7 +790,7 @@ def main(argv=None):
         'cpus': os.cpu_count(), 'imapload': imapload_path, 'relay': relay_path,
         'nofile': nofile, 'dovecot_version': version.stdout.split(' ')[0].strip(),
         'idle_sessions': args.idle_sessions, 'scale_sessions': args.scale_sessions,
-        'burst': args.burst, 'proxy_settings': PROXY_SETTINGS,
+        'burst': args.burst, 'proxy_settings': PROXY_SETTINGS, 'before': args.before,
         'dovecot_login': 'high-performance' if args.fast_login else 'default'}}
     t0 = time.monotonic()
     try:
@@ -762,6 +800,7 @@ def main(argv=None):
         return 2
     report['settings']['elapsed_s'] = round(time.monotonic() - t0, 1)
     report['rows'] = make_rows(report)
+    report['before_after'] = before_after(report['runs'])
     report['goals'] = goals.evaluate(report, report['skipped'])
     add_notes(report)
     if args.json:

@@ -277,7 +277,7 @@ class Relay:
             return None
         if not data:
             return self.client_gone('client closed')
-        if client.tls and client.pending():
+        if client.more(data):
             self.ready |= CLIENT_IN
         self.last_activity = _monotonic()
         return self.on_client(data)
@@ -390,7 +390,7 @@ class Relay:
             return None
         if not data:
             return self.server_gone('server closed the connection')
-        if server.tls and server.pending():
+        if server.more(data):
             self.ready |= SERVER_IN
         self.last_activity = _monotonic()
         return self.on_server(data)

@@ -47,6 +47,7 @@ SOCKET_WATCHER = _has_socket_watcher()
 RAW_SOCKET = True
 
 RECV_SIZE = 65536
+TLS_RECORD = 16384            # the most plaintext one TLS record carries
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
 
 
@@ -133,6 +134,15 @@ class Side:
         except ssl.SSLWantWriteError:
             self.cross = self.out_bit
             return None
+
+    def more(self, data: bytes) -> bool:
+        """After a read of `data`: read again before waiting? Yes when the read filled
+        the buffer, or a whole TLS record (the next one may be in the kernel already,
+        and waiting for readiness between records costs a wake-up each), or decrypted
+        bytes are left over (no readiness would report those)."""
+        if self.tls:
+            return len(data) >= TLS_RECORD or self.sock.pending() > 0
+        return len(data) == RECV_SIZE
 
     def put(self, data: bytes) -> None:
         self.queue.append(data)

@@ -13,6 +13,7 @@ import tempfile
 
 import pytest
 
+from benchmarks import perf
 from tests.backends import require_dovecot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +25,18 @@ def test_perf_quick_produces_every_number():
     if shutil.which('gcc') is None:
         pytest.skip('gcc is missing: it builds benchmarks/tools (scripts/test installs it '
                     'as root)')
+    # In a git checkout, gimapproxy as of HEAD runs beside the working tree (--before).
+    before = ['--before', 'HEAD'] if os.path.isdir(os.path.join(REPO, '.git')) else []
     out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'perf.py'),
-                          '--quick', '--json'], capture_output=True, text=True, timeout=170)
+                          '--quick', '--json'] + before, capture_output=True, text=True,
+                         timeout=170)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
+    if before:
+        assert [name for name, _, _ in report['before_after']] == [
+            name for name, _, _ in perf.BEFORE_AFTER]
+        for name, was, now in report['before_after']:
+            assert was > 0 and now > 0 and math.isfinite(was / now), (name, was, now)
     names = [row['scenario'] for row in report['rows']]
     assert len(names) >= 14, names
     for row in report['rows']:
