@@ -43,10 +43,10 @@ PUBLIC_TOO = {('3.8', '21.12.0'), ('3.13', '26.9.0')}
 
 SUBSET = ['tests/test_proxy.py', 'tests/test_isolation.py', 'tests/test_tracker.py',
           'tests/test_attacks.py', 'tests/test_sockio.py', 'tests/test_cli.py',
-          'tests/test_compat.py']
+          'tests/test_compat.py', 'tests/test_relay.py']
 # The public API run: the relay's paths, and the two wakes (idle timeout, stalled server).
 RELAY = ['tests/test_proxy.py', 'tests/test_isolation.py', 'tests/test_sockio.py',
-         'tests/test_limits.py',
+         'tests/test_limits.py', 'tests/test_relay.py',
          'tests/test_faults.py::test_server_that_stalls_mid_response_is_bounded']
 # Left to scripts/test: slow tests about time rather than about the Python or gevent,
 # and test_per_user_cap, whose second round can start before the first round's

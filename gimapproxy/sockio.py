@@ -47,8 +47,6 @@ SOCKET_WATCHER = _has_socket_watcher()
 RAW_SOCKET = True
 
 RECV_SIZE = 65536
-TLS_RECORD = 16384            # the most plaintext one TLS record carries
-_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
 
 
 def send_all(sock, data: bytes, timeout: Optional[float]) -> None:
@@ -127,22 +125,47 @@ class Side:
     def recv(self) -> Optional[bytes]:
         """Up to RECV_SIZE bytes; b'' at EOF; None when nothing can be read now.
         Raises OSError."""
+        if self.tls:
+            return self.recv_tls()
         try:
             return self.raw.recv(RECV_SIZE)
-        except _WOULD_BLOCK:
+        except BlockingIOError:
             return None
-        except ssl.SSLWantWriteError:
-            self.cross = self.out_bit
+
+    def recv_tls(self) -> Optional[bytes]:
+        """A TLS read returns one record at most: read on until nothing more is there or
+        RECV_SIZE is reached, so a stream of records costs one wake-up per batch, not
+        one per record."""
+        chunks, size = [], 0
+        while size < RECV_SIZE:
+            try:
+                data = self.sock.recv(RECV_SIZE - size)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                self.cross = self.out_bit
+                break
+            except OSError:
+                if chunks:
+                    break                      # the error comes again on the next read
+                raise
+            if not data:
+                if chunks:
+                    break                      # EOF comes again on the next read
+                return data
+            chunks.append(data)
+            size += len(data)
+        if not chunks:
             return None
+        return chunks[0] if len(chunks) == 1 else b''.join(chunks)
 
     def more(self, data: bytes) -> bool:
         """After a read of `data`: read again before waiting? Yes when the read filled
-        the buffer, or a whole TLS record (the next one may be in the kernel already,
-        and waiting for readiness between records costs a wake-up each), or decrypted
-        bytes are left over (no readiness would report those)."""
-        if self.tls:
-            return len(data) >= TLS_RECORD or self.sock.pending() > 0
-        return len(data) == RECV_SIZE
+        the buffer, or decrypted TLS bytes are left over (no readiness would report
+        those)."""
+        if len(data) == RECV_SIZE:
+            return True
+        return self.tls and self.sock.pending() > 0
 
     def put(self, data: bytes) -> None:
         self.queue.append(data)

@@ -158,6 +158,18 @@ def test_side_over_tls_retries_a_write_with_the_same_bytes(pki):
         peer.sendall(b'over tls')
         gevent.sleep(0.05)
         assert side.recv() == b'over tls'
+        # Many records at once come back in one read, up to RECV_SIZE.
+        data = os.urandom(100000)
+        peer.sendall(data)
+        gevent.sleep(0.05)
+        first = side.recv()
+        assert len(first) == sockio.RECV_SIZE and side.more(first)
+        rest = side.recv()
+        assert first + rest == data and not side.more(rest)
+        assert side.recv() is None
+        peer.close()
+        gevent.sleep(0.05)
+        assert side.recv() == b''
     finally:
         side.close()
         client.close()
