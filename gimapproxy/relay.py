@@ -123,7 +123,7 @@ class Relay:
 
     def loop(self) -> End:
         """Handle what is ready, then wait for more, until an End."""
-        client, tracker = self.client, self.tracker
+        client = self.client
         # Commands pipelined after the login, and a response already buffered.
         end = self.on_server(b'') or self.on_client(b'')
         while end is None:
