@@ -302,7 +302,8 @@ KEYS = (
         'Seconds the server may take to reset a connection for reuse; past it the '
         'connection is closed.'),
     Key('write_timeout', _seconds(1, 3600), '60',
-        'Seconds a write to a client may block before the client counts as gone.'),
+        'Seconds a write to a client (or, after login, to the server) may make no progress '
+        'before that peer counts as gone.'),
     # Operations.
     Key('stats_listen', _host_port, '',
         'host:port for HTTP /metrics (Prometheus), /stats (JSON) and /admin; empty: off.'),

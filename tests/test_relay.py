@@ -1,6 +1,7 @@
 """The relay's two directions against a real Dovecot: each goes on while the other is
 blocked, and a client that stops reading is cut off after write_timeout with bounded
-memory, its connection kept or closed by the usual rules."""
+memory, its connection finished and cached. A server that stops reading (scripted) is
+cut off after write_timeout too."""
 import time
 
 import gevent
@@ -10,6 +11,7 @@ from gimapproxy import relay
 from gimapproxy.sockio import RECV_SIZE
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, require_dovecot
 from tests.conftest import Backend, start_proxy, wait_cached
+from tests.fakeimap import FakeImap
 from tests.wire import Client
 
 USER, PASSWORD = 'big', 'secret-big'
@@ -114,3 +116,42 @@ def test_client_that_stops_reading_is_cut_off(big, proxy_log, monkeypatch):
 
 def big_backend(server) -> Backend:
     return Backend('dovecot', server, [(USER, PASSWORD)])
+
+
+def test_server_that_stops_reading_is_cut_off(proxy_log):
+    """A server that stops reading in the middle of a session (a scripted fault): once
+    the proxy's writes to it have made no progress for write_timeout, the client gets a
+    BYE and the connection is closed, not cached."""
+    fake = FakeImap({b'STALL': lambda tag: gevent.sleep(20) or b''}).start()
+    proxy = start_proxy(Backend('fake', fake, []), write_timeout=1)
+    try:
+        with Client(proxy.server_port, timeout=30) as client:
+            assert client.login('u', 'p').startswith(b'L1 OK')
+            client.send(b'a STALL\r\n')
+            started = time.monotonic()
+
+            def flood():
+                try:
+                    while True:
+                        client.send(b'n NOOP\r\n' * 8192)
+                except OSError:
+                    pass                  # the proxy closed the connection
+            writer = gevent.spawn(flood)
+            with gevent.Timeout(10, AssertionError('the session was not ended')):
+                while len(proxy.pool):
+                    gevent.sleep(0.05)
+            assert 1 <= time.monotonic() - started
+            writer.kill()
+            # The BYE went out; whether the client reads it depends on its unread input
+            # at the close (the kernel then resets the connection).
+            client.sock.settimeout(5)
+            try:
+                assert client.read_eof() == b'* BYE Server connection lost.\r\n'
+            except ConnectionResetError:
+                pass
+        log = '\n'.join(proxy_log.lines)
+        assert 'reason=backend ended: send failed: write timeout' in log
+        assert proxy.cache.total == 0
+    finally:
+        proxy.stop(2)
+        fake.stop()
