@@ -1,8 +1,7 @@
 """After login: move bytes between a client and its backend connection until one ends.
 
-The session's greenlet carries both directions. It waits on both sockets at once: a
-libev read watcher on each, started once for the relay, whose callback switches into
-the greenlet; the reads and writes themselves never block. What cannot be written at
+The session's greenlet carries both directions. It waits on both sockets at once
+(gimapproxy.duplex), and its reads and writes never block. What cannot be written at
 once waits in the destination's queue, and a source is not read while its
 destination's queue is over QUEUE_LIMIT, so a peer that stops reading stops only the
 direction that feeds it, and the other goes on, as two greenlets would. A round trip
@@ -26,12 +25,10 @@ import logging
 import time
 from typing import Optional
 
-import gevent
-
+from .duplex import CLIENT_IN, CLIENT_OUT, SERVER_IN, SERVER_OUT, Duplex
 from .lease import describe
 from .logfmt import ProtocolTrace
 from .protocol import LiteralData, ProtocolError
-from .sockio import Side
 from .tracker import Held, Tracker, enable_profile
 
 __all__ = ['Relay', 'End']
@@ -40,9 +37,6 @@ log = logging.getLogger('gimapproxy.relay')
 
 LOGOUT_WAIT = 60.0            # for replies to commands pipelined before LOGOUT
 QUEUE_LIMIT = 256 * 1024      # bytes waiting for one side before its source is not read
-
-# What the session greenlet was woken for (bits of Relay.ready).
-CLIENT_IN, CLIENT_OUT, SERVER_IN, SERVER_OUT, WOKEN = 1, 2, 4, 8, 16
 
 _monotonic = time.monotonic
 
@@ -77,15 +71,10 @@ class Relay:
         self.idle_timeout = config.idle_timeout
         self.write_timeout = config.write_timeout
         self.trace = ProtocolTrace(log, session_id, user) if trace else None
-        self.client: Optional[Side] = None
-        self.server: Optional[Side] = None
-        self.hub = self.greenlet = None
-        self.ready = 0                # what woke the greenlet and is not handled yet
-        self.armed = 0                # the watchers started
-        self.waiting = False          # the greenlet waits in `wait`, nowhere else
+        self.io: Optional[Duplex] = None
         self.last_activity = _monotonic()
         self.idle = False             # idle_timeout passed: say BYE
-        self.idle_timer = self.timer = None
+        self.idle_timer = None
         self.local: list[bytes] = []  # the proxy's words, waiting for a response's end
         self.logout: Optional[Held] = None      # a LOGOUT waiting for earlier replies
         self.logout_deadline = 0.0
@@ -95,42 +84,31 @@ class Relay:
 
     def run(self) -> End:
         """Relay until LOGOUT or either side leaves; return how it ended."""
-        self.hub = hub = gevent.get_hub()
-        self.greenlet = gevent.getcurrent()
-        self.client = Side(self.sock, hub.loop, CLIENT_IN, CLIENT_OUT)
+        self.io = io = Duplex(self.sock)
         try:
-            self.attach(self.lease.conn)
+            io.attach(self.lease.conn.sock)
             tick = self.idle_timeout / 4
-            self.idle_timer = hub.loop.timer(tick, tick)
+            self.idle_timer = io.hub.loop.timer(tick, tick)
             self.idle_timer.start(self.check_idle)
             return self.loop()
         finally:
-            for timer in (self.idle_timer, self.timer):
-                if timer is not None:
-                    timer.close()
-            self.client.close()
-            if self.server is not None:
-                self.server.close()
-
-    def attach(self, conn) -> None:
-        """Relay to `conn` from now on."""
-        self.server = Side(conn.sock, self.hub.loop, SERVER_IN, SERVER_OUT)
-        for side in (self.client, self.server):
-            if side.pending():
-                self.ready |= side.in_bit
+            if self.idle_timer is not None:
+                self.idle_timer.close()
+            io.close()
 
     # -- the loop --------------------------------------------------------------------
 
     def loop(self) -> End:
         """Handle what is ready, then wait for more, until an End."""
-        client = self.client
+        io = self.io
+        client = io.client
         # Commands pipelined after the login, and a response already buffered.
         end = self.on_server(b'') or self.on_client(b'')
         while end is None:
-            ready, self.ready = self.ready, 0
-            server = self.server
+            ready, io.ready = io.ready, 0
+            server = io.server
             if client.cross or server.cross:
-                ready = self.crossed(ready)
+                ready = io.crossed(ready)
             if (ready & SERVER_IN and client.queued < QUEUE_LIMIT
                     and (self.ending is None or self.last_words is not None)):
                 end = self.read_server()
@@ -151,24 +129,16 @@ class Relay:
             if end is None and (self.logout or self.ending or self.idle or client.stalled
                                 or server.stalled):
                 end = self.settle()
-            if end is None and not self.ready and not (
+            if end is None and not io.ready and not (
                     client.queue and client.stalled is None
                     or server.queue and server.stalled is None):
                 self.wait()
         return end
 
-    def crossed(self, ready: int) -> int:
-        """A TLS read that had to write, or a write that had to read, may go on."""
-        for side in (self.client, self.server):
-            if side.cross & ready:
-                side.cross = 0
-                ready |= side.in_bit | side.out_bit
-        return ready
-
     def settle(self) -> Optional[End]:
         """After each turn: the LOGOUT and ending waits, idle time and write
         timeouts."""
-        client, server = self.client, self.server
+        client, server = self.io.client, self.io.server
         if self.logout is not None:
             end = self.check_logout()
             if end is not None:
@@ -191,69 +161,26 @@ class Relay:
         return None
 
     def wait(self) -> None:
-        """Start the watchers for what the loop waits for, stop the others, and wait
-        until one of them, the idle timer or a deadline wakes the greenlet."""
-        client, server = self.client, self.server
+        """Wait for what the loop can go on with: input from a side whose destination
+        has room (and that is still read), room on a side with a queue, or a deadline
+        (a write that cannot go on, the LOGOUT and ending waits)."""
+        client, server = self.io.client, self.io.server
         want = ((CLIENT_IN if self.ending is None and self.logout is None
                  and server.queued < QUEUE_LIMIT else 0)
                 | (SERVER_IN if client.queued < QUEUE_LIMIT
                    and (self.ending is None or self.last_words is not None) else 0)
                 | (CLIENT_OUT if client.queue else 0) | (SERVER_OUT if server.queue else 0)
                 | client.cross | server.cross)
-        change = want ^ self.armed
-        if change:
-            for side in (client, server):
-                for bit, watcher in side.watchers.items():
-                    if change & bit:
-                        if want & bit:
-                            watcher.start(self.on_ready, bit)
-                        else:
-                            watcher.stop()
-            self.armed = want
-        if (self.timer is not None or client.stalled or server.stalled or self.logout
-                or self.ending):
-            self.set_timer()
-        self.waiting = True
-        try:
-            self.hub.switch()
-        finally:
-            self.waiting = False
-
-    def set_timer(self) -> None:
-        """Wake the greenlet at the earliest deadline (a write that cannot go on, the
-        LOGOUT and ending waits), or not at all when there is none."""
-        times = [side.stalled + self.write_timeout
-                 for side in (self.client, self.server) if side.stalled is not None]
-        if self.logout is not None:
-            times.append(self.logout_deadline)
-        if self.ending is not None:
-            times.append(self.ending_deadline)
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
-        if times:
-            self.timer = self.hub.loop.timer(max(0.0, min(times) - _monotonic()))
-            self.timer.start(self.wake)
-
-    def on_ready(self, bit: int) -> None:
-        """A watcher's callback, in the hub. Switches into the greenlet only while it
-        waits in `wait`; while it waits elsewhere (a lease checkout), the event is kept
-        and the watcher stopped until the loop starts it again."""
-        self.ready |= bit
-        if self.waiting:
-            self.waiting = False
-            self.greenlet.switch()
-        else:
-            side = self.client if bit & (CLIENT_IN | CLIENT_OUT) else self.server
-            side.watchers[bit].stop()
-            self.armed &= ~bit
-
-    def wake(self) -> None:
-        """The idle timer's and the deadline timer's way in (from the hub)."""
-        self.ready |= WOKEN
-        if self.waiting:
-            self.waiting = False
-            self.greenlet.switch()
+        deadline = None
+        if client.stalled or server.stalled or self.logout or self.ending:
+            times = [side.stalled + self.write_timeout
+                     for side in (client, server) if side.stalled is not None]
+            if self.logout is not None:
+                times.append(self.logout_deadline)
+            if self.ending is not None:
+                times.append(self.ending_deadline)
+            deadline = min(times)
+        self.io.wait(want, deadline)
 
     def check_idle(self) -> None:
         """The idle timer's callback: after idle_timeout of silence both ways, wake the
@@ -263,12 +190,12 @@ class Relay:
         if _monotonic() - self.last_activity >= self.idle_timeout:
             self.idle = True
             self.idle_timer.stop()
-            self.wake()
+            self.io.wake()
 
     # -- client to server ---------------------------------------------------------------
 
     def read_client(self) -> Optional[End]:
-        client = self.client
+        client = self.io.client
         try:
             data = client.recv()
         except OSError:
@@ -278,13 +205,13 @@ class Relay:
         if not data:
             return self.client_gone('client closed')
         if client.more(data):
-            self.ready |= CLIENT_IN
+            self.io.ready |= CLIENT_IN
         self.last_activity = _monotonic()
         return self.on_client(data)
 
     def on_client(self, data: bytes) -> Optional[End]:
         """Feed client bytes to the tracker and queue what it frames for the server."""
-        tracker, server = self.tracker, self.server
+        tracker, server = self.tracker, self.io.server
         tracker.feed(data)
         while self.logout is None and self.ending is None:
             try:
@@ -307,7 +234,7 @@ class Relay:
         return None
 
     def to_server(self, data: bytes) -> None:
-        self.server.put(data)
+        self.io.server.put(data)
         self.counters['bytes_in'] += len(data)
 
     def on_held(self, held: Held) -> None:
@@ -331,7 +258,7 @@ class Relay:
         LOGOUT_WAIT, the LOGOUT goes to the server, which answers it; the relay goes on
         until the server closes."""
         tracker = self.tracker
-        if not (tracker.quiet and not self.client.queue and not self.server.queue
+        if not (tracker.quiet and not self.io.client.queue and not self.io.server.queue
                 and not self.local and self.lease.conn.framer.at_boundary):
             if _monotonic() < self.logout_deadline:
                 return None
@@ -350,7 +277,7 @@ class Relay:
         cache as it is. An ENABLE is then answered as the server answered it on a fresh
         connection; any other command goes to the new connection. Returns False when
         there is none: the command then goes to the server as usual."""
-        if not self.tracker.quiet or self.client.queue or self.server.queue or self.local:
+        if not self.tracker.quiet or self.io.client.queue or self.io.server.queue or self.local:
             return False
         entry = self.lease.checkout(held.profile)
         if entry is None:
@@ -358,12 +285,10 @@ class Relay:
         old = self.lease.conn
         unclean = self.tracker.unclean or (None if old.framer.at_boundary
                                            else 'response in progress')
-        self.server.close()
-        self.armed &= ~(SERVER_IN | SERVER_OUT)
-        self.ready &= ~(SERVER_IN | SERVER_OUT)
+        self.io.detach()
         self.lease.switch(entry, unclean)
         conn = self.lease.conn
-        self.attach(conn)
+        self.io.attach(conn.sock)
         log.info('profile: id=%s backend=%s result=reused replaced=%s profile=%s', self.id,
                  conn.id, old.id, describe(conn))
         if held.name == b'ENABLE':
@@ -381,7 +306,7 @@ class Relay:
     # -- server to client ----------------------------------------------------------------
 
     def read_server(self) -> Optional[End]:
-        server = self.server
+        server = self.io.server
         try:
             data = server.recv()
         except OSError as exc:
@@ -391,7 +316,7 @@ class Relay:
         if not data:
             return self.server_gone('server closed the connection')
         if server.more(data):
-            self.ready |= SERVER_IN
+            self.io.ready |= SERVER_IN
         self.last_activity = _monotonic()
         return self.on_server(data)
 
@@ -422,7 +347,7 @@ class Relay:
         else:
             error = None
         if out:
-            self.client.put(b''.join(out) if len(out) > 1 else out[0])
+            self.io.client.put(b''.join(out) if len(out) > 1 else out[0])
             self.counters['bytes_out'] += size
         return None if error is None else self.server_gone(error)
 
@@ -455,7 +380,7 @@ class Relay:
         """Queue a response of the proxy's own for the client, at the end of the server
         response in progress, if any."""
         if self.lease.conn.framer.at_boundary and not self.local:
-            self.client.put(words)
+            self.io.client.put(words)
         else:
             self.local.append(words)
 
@@ -467,7 +392,7 @@ class Relay:
         self.ending = end
         self.ending_deadline = _monotonic() + self.write_timeout
         if self.lease.conn.framer.at_boundary and not self.local:
-            self.client.put(last_words)
+            self.io.client.put(last_words)
         else:
             self.last_words = last_words
 
@@ -475,7 +400,7 @@ class Relay:
         """The relay ends with the client; commands already framed for the server go
         to it now, or the connection is not reused (the lease then cannot tell which
         replies to wait for)."""
-        server = self.server
+        server = self.io.server
         if server.queue:
             try:
                 server.flush()
@@ -489,9 +414,9 @@ class Relay:
         """The backend connection failed or closed: the client gets what was read, then
         a BYE unless the server said one, within write_timeout."""
         tracker = self.tracker
-        self.server.queue.clear()
-        self.server.queued = 0
-        self.server.stalled = None
+        self.io.server.queue.clear()
+        self.io.server.queued = 0
+        self.io.server.stalled = None
         self.last_words = None
         if tracker.logging_out and tracker.server_bye:
             end = End('server', 'logout by the server')
@@ -499,7 +424,7 @@ class Relay:
             end = End('server', 'backend ended: %s' % reason)
             if not tracker.server_bye:
                 # The client must not wait for replies that will never come.
-                self.client.put(b'* BYE Server connection lost.\r\n')
+                self.io.client.put(b'* BYE Server connection lost.\r\n')
         self.ending = end
         self.ending_deadline = _monotonic() + self.write_timeout
         self.logout = None

@@ -163,5 +163,5 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     if config.getoption('--gevent-api') == 'public':
-        from gimapproxy import sockio
-        sockio.SOCKET_WATCHER = sockio.RAW_SOCKET = False
+        from gimapproxy import duplex, sockio
+        sockio.SOCKET_WATCHER = duplex.RAW_SOCKET = False

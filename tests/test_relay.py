@@ -7,8 +7,8 @@ import time
 import gevent
 import pytest
 
-from gimapproxy import relay
-from gimapproxy.sockio import RECV_SIZE
+from gimapproxy import duplex, relay
+from gimapproxy.duplex import RECV_SIZE
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, require_dovecot
 from tests.conftest import Backend, start_proxy, wait_cached
 from tests.fakeimap import FakeImap
@@ -85,11 +85,11 @@ def test_client_that_stops_reading_is_cut_off(big, proxy_log, monkeypatch):
     and the server connection is finished (the rest of the answers read) and cached."""
     sides = []
 
-    class Side(relay.Side):
+    class Side(duplex.Side):
         def __init__(self, *args) -> None:
             super().__init__(*args)
             sides.append(self)
-    monkeypatch.setattr(relay, 'Side', Side)
+    monkeypatch.setattr(duplex, 'Side', Side)
     proxy = start_proxy(big_backend(big), write_timeout=1)
     try:
         with Client(proxy.server_port, timeout=30) as client:

@@ -8,8 +8,9 @@ import gevent
 import pytest
 from gevent import socket
 
-from gimapproxy import sockio
-from gimapproxy.sockio import Side, readable, recv_when_ready, send_all
+from gimapproxy import duplex, sockio
+from gimapproxy.duplex import Side
+from gimapproxy.sockio import readable, recv_when_ready, send_all
 
 
 @pytest.fixture(params=['socket watcher', 'public'])
@@ -18,7 +19,7 @@ def gevent_api(request, monkeypatch):
     if request.param == 'socket watcher' and not sockio._has_socket_watcher():
         pytest.skip('this gevent has no socket read watcher')
     monkeypatch.setattr(sockio, 'SOCKET_WATCHER', request.param == 'socket watcher')
-    monkeypatch.setattr(sockio, 'RAW_SOCKET', request.param == 'socket watcher')
+    monkeypatch.setattr(duplex, 'RAW_SOCKET', request.param == 'socket watcher')
     return request.param
 
 
@@ -163,7 +164,7 @@ def test_side_over_tls_retries_a_write_with_the_same_bytes(pki):
         peer.sendall(data)
         gevent.sleep(0.05)
         first = side.recv()
-        assert len(first) == sockio.RECV_SIZE and side.more(first)
+        assert len(first) == duplex.RECV_SIZE and side.more(first)
         rest = side.recv()
         assert first + rest == data and not side.more(rest)
         assert side.recv() is None
