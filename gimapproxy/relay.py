@@ -115,6 +115,7 @@ class Relay:
             if (end is None and ready & CLIENT_IN and server.queued < QUEUE_LIMIT
                     and self.ending is None and self.logout is None):
                 end = self.read_client()
+                server = io.server            # a profile switch moves to another one
             if end is None and server.queue and (server.stalled is None or ready & SERVER_OUT):
                 try:
                     server.flush()
@@ -138,11 +139,11 @@ class Relay:
     def settle(self) -> Optional[End]:
         """After each turn: the LOGOUT and ending waits, idle time and write
         timeouts."""
-        client, server = self.io.client, self.io.server
         if self.logout is not None:
             end = self.check_logout()
             if end is not None:
                 return end
+        client, server = self.io.client, self.io.server
         if self.ending is not None:
             if self.last_words is None and not client.queue and not server.queue:
                 return self.ending
@@ -231,6 +232,7 @@ class Relay:
                 self.counters['bytes_in'] += len(event)
             else:
                 self.on_held(event)
+                server = self.io.server       # a profile switch moves to another one
         return None
 
     def to_server(self, data: bytes) -> None:
