@@ -109,13 +109,18 @@ class Side:
         """After a read of `data`: read again before waiting? Yes when the read filled
         the buffer, or decrypted TLS bytes are left over (no readiness would report
         those)."""
-        if len(data) == RECV_SIZE:
-            return True
-        return self.tls and self.sock.pending() > 0
+        return len(data) == RECV_SIZE or self.pending()
 
     def put(self, data: bytes) -> None:
         self.queue.append(data)
         self.queued += len(data)
+
+    def discard(self) -> None:
+        """Drop what is queued (the peer is gone)."""
+        self.queue.clear()
+        self.queued = 0
+        self.stalled = None
+        self.retry = False
 
     def flush(self) -> None:
         """Write what the socket takes now; keep the rest. Raises OSError."""

@@ -80,7 +80,6 @@ class Relay:
         self.logout_deadline = 0.0
         self.ending: Optional[End] = None       # the End to return once the client
         self.ending_deadline = 0.0              # has what it is owed (see `finish`)
-        self.last_words: Optional[bytes] = None
 
     def run(self) -> End:
         """Relay until LOGOUT or either side leaves; return how it ended."""
@@ -106,16 +105,13 @@ class Relay:
         end = self.on_server(b'') or self.on_client(b'')
         while end is None:
             ready, io.ready = io.ready, 0
-            server = io.server
-            if client.cross or server.cross:
+            if client.cross or io.server.cross:
                 ready = io.crossed(ready)
-            if (ready & SERVER_IN and client.queued < QUEUE_LIMIT
-                    and (self.ending is None or self.last_words is not None)):
+            if ready & SERVER_IN and self.reading() & SERVER_IN:
                 end = self.read_server()
-            if (end is None and ready & CLIENT_IN and server.queued < QUEUE_LIMIT
-                    and self.ending is None and self.logout is None):
+            if end is None and ready & CLIENT_IN and self.reading() & CLIENT_IN:
                 end = self.read_client()
-                server = io.server            # a profile switch moves to another one
+            server = io.server                # after the reads: a profile switch moves it
             if end is None and server.queue and (server.stalled is None or ready & SERVER_OUT):
                 try:
                     server.flush()
@@ -125,8 +121,8 @@ class Relay:
                 try:
                     client.flush()
                 except OSError as exc:
-                    end = self.client_gone('client gone: write failed: %s'
-                                           % (exc.strerror or exc), self.ending)
+                    end = self.client_gone(self.ending or End(
+                        'client', 'client gone: write failed: %s' % (exc.strerror or exc)))
             if end is None and (self.logout or self.ending or self.idle or client.stalled
                                 or server.stalled):
                 end = self.settle()
@@ -145,10 +141,10 @@ class Relay:
                 return end
         client, server = self.io.client, self.io.server
         if self.ending is not None:
-            if self.last_words is None and not client.queue and not server.queue:
+            if not self.local and not client.queue and not server.queue:
                 return self.ending
             if _monotonic() >= self.ending_deadline:
-                return self.client_gone(self.ending.reason, self.ending)
+                return self.client_gone(self.ending)
         elif self.idle:
             self.finish(End('client', 'idle timeout'), b'* BYE Idle timeout.\r\n')
         now = None
@@ -158,20 +154,36 @@ class Relay:
                 if now - side.stalled >= self.write_timeout:
                     if side is server:
                         return self.server_gone('send failed: write timeout')
-                    return self.client_gone('client gone: write failed: write timeout')
+                    return self.client_gone(End('client',
+                                                'client gone: write failed: write timeout'))
         return None
 
+    def reading(self) -> int:
+        """The sides to read now (CLIENT_IN, SERVER_IN): each while its destination's
+        queue has room; the client until LOGOUT or the end, the server until the end,
+        or after it until the proxy's last words have followed a whole response."""
+        io = self.io
+        sides = 0
+        if self.ending is None and self.logout is None and io.server.queued < QUEUE_LIMIT:
+            sides = CLIENT_IN
+        if (self.ending is None or self.local) and io.client.queued < QUEUE_LIMIT:
+            sides |= SERVER_IN
+        return sides
+
+    def settled(self) -> bool:
+        """Every command sent has its reply, the client has it all, and nothing is
+        queued either way."""
+        io = self.io
+        return (self.tracker.quiet and not io.client.queue and not io.server.queue
+                and not self.local)
+
     def wait(self) -> None:
-        """Wait for what the loop can go on with: input from a side whose destination
-        has room (and that is still read), room on a side with a queue, or a deadline
-        (a write that cannot go on, the LOGOUT and ending waits)."""
+        """Wait for what the loop can go on with: input from a side that is read, room
+        on a side with a queue, or a deadline (a write that cannot go on, the LOGOUT
+        and ending waits)."""
         client, server = self.io.client, self.io.server
-        want = ((CLIENT_IN if self.ending is None and self.logout is None
-                 and server.queued < QUEUE_LIMIT else 0)
-                | (SERVER_IN if client.queued < QUEUE_LIMIT
-                   and (self.ending is None or self.last_words is not None) else 0)
-                | (CLIENT_OUT if client.queue else 0) | (SERVER_OUT if server.queue else 0)
-                | client.cross | server.cross)
+        want = (self.reading() | (CLIENT_OUT if client.queue else 0)
+                | (SERVER_OUT if server.queue else 0) | client.cross | server.cross)
         deadline = None
         if client.stalled or server.stalled or self.logout or self.ending:
             times = [side.stalled + self.write_timeout
@@ -204,7 +216,7 @@ class Relay:
         if data is None:
             return None
         if not data:
-            return self.client_gone('client closed')
+            return self.client_gone(End('client', 'client closed'))
         if client.more(data):
             self.io.ready |= CLIENT_IN
         self.last_activity = _monotonic()
@@ -212,7 +224,7 @@ class Relay:
 
     def on_client(self, data: bytes) -> Optional[End]:
         """Feed client bytes to the tracker and queue what it frames for the server."""
-        tracker, server = self.tracker, self.io.server
+        tracker = self.tracker
         tracker.feed(data)
         while self.logout is None and self.ending is None:
             try:
@@ -228,11 +240,9 @@ class Relay:
                 self.trace.client(*((event.data, 'first') if isinstance(event, Held)
                                     else (event, tracker.event_kind)))
             if event.__class__ is bytes:
-                server.put(event)
-                self.counters['bytes_in'] += len(event)
+                self.to_server(event)
             else:
                 self.on_held(event)
-                server = self.io.server       # a profile switch moves to another one
         return None
 
     def to_server(self, data: bytes) -> None:
@@ -260,8 +270,7 @@ class Relay:
         LOGOUT_WAIT, the LOGOUT goes to the server, which answers it; the relay goes on
         until the server closes."""
         tracker = self.tracker
-        if not (tracker.quiet and not self.io.client.queue and not self.io.server.queue
-                and not self.local and self.lease.conn.framer.at_boundary):
+        if not (self.settled() and self.lease.conn.framer.at_boundary):
             if _monotonic() < self.logout_deadline:
                 return None
             tracker.doubt('no reply to commands pipelined before LOGOUT')
@@ -279,7 +288,7 @@ class Relay:
         cache as it is. An ENABLE is then answered as the server answered it on a fresh
         connection; any other command goes to the new connection. Returns False when
         there is none: the command then goes to the server as usual."""
-        if not self.tracker.quiet or self.io.client.queue or self.io.server.queue or self.local:
+        if not self.settled():
             return False
         entry = self.lease.checkout(held.profile)
         if entry is None:
@@ -330,7 +339,7 @@ class Relay:
         framer.feed(data)
         out = []
         size = 0
-        owed = self.local or self.last_words is not None     # words for a response's end
+        owed = bool(self.local)              # the proxy's words wait for a response's end
         try:
             while True:
                 event = framer.next_event() if trace else framer.next_lines()
@@ -343,7 +352,9 @@ class Relay:
                 out.append(data)
                 size += len(data)
                 if owed and framer.at_boundary:
-                    owed = self.words_owed(out)
+                    out.extend(self.local)
+                    self.local.clear()
+                    owed = False
         except ProtocolError as exc:
             error = str(exc)
         else:
@@ -352,15 +363,6 @@ class Relay:
             self.io.client.put(b''.join(out) if len(out) > 1 else out[0])
             self.counters['bytes_out'] += size
         return None if error is None else self.server_gone(error)
-
-    def words_owed(self, out: list) -> bool:
-        """Add the proxy's words that waited for a response's end to `out`."""
-        out.extend(self.local)
-        self.local.clear()
-        if self.last_words is not None:
-            out.append(self.last_words)
-            self.last_words = None
-        return False
 
     def on_lines(self, data: bytes, first: bool) -> bytes:
         """Hand the tracker the first line of every response among the whole lines in
@@ -393,15 +395,12 @@ class Relay:
         write_timeout."""
         self.ending = end
         self.ending_deadline = _monotonic() + self.write_timeout
-        if self.lease.conn.framer.at_boundary and not self.local:
-            self.io.client.put(last_words)
-        else:
-            self.last_words = last_words
+        self.say(last_words)
 
-    def client_gone(self, reason: str, end: Optional[End] = None) -> End:
-        """The relay ends with the client; commands already framed for the server go
-        to it now, or the connection is not reused (the lease then cannot tell which
-        replies to wait for)."""
+    def client_gone(self, end: End) -> End:
+        """The relay ends with the client (`end`); commands already framed for the
+        server go to it now, or the connection is not reused (the lease then cannot
+        tell which replies to wait for)."""
         server = self.io.server
         if server.queue:
             try:
@@ -410,16 +409,14 @@ class Relay:
                 pass
             if server.queue:
                 self.tracker.doubt('client commands not sent to the server')
-        return end or End('client', reason)
+        return end
 
     def server_gone(self, reason: str) -> Optional[End]:
         """The backend connection failed or closed: the client gets what was read, then
         a BYE unless the server said one, within write_timeout."""
         tracker = self.tracker
-        self.io.server.queue.clear()
-        self.io.server.queued = 0
-        self.io.server.stalled = None
-        self.last_words = None
+        self.io.server.discard()
+        self.local.clear()
         if tracker.logging_out and tracker.server_bye:
             end = End('server', 'logout by the server')
         else:
@@ -430,5 +427,4 @@ class Relay:
         self.ending = end
         self.ending_deadline = _monotonic() + self.write_timeout
         self.logout = None
-        self.local.clear()
         return None
