@@ -126,7 +126,16 @@ def command_head(line: bytes) -> tuple[Optional[bytes], Optional[bytes]]:
 
 # Parenthesized lists may nest this deep in a pre-login command; deeper is refused.
 MAX_DEPTH = 100
-_ARG_LITERAL_RE = re.compile(rb'\{([0-9]+)\+?\}\r?\n')
+# Dovecot reads a literal's size as any digits, none included (`{}` and `{+}` are empty
+# literals), then an optional "+", then "}": as the framer does.
+_ARG_LITERAL_RE = re.compile(rb'\{([0-9]*)\+?\}\r?\n')
+# The parser reads each byte a fixed number of times (a command may be as long as the
+# pre-login limits allow, a few hundred KB): atoms and quoted strings in one match each,
+# never a copy of the rest of the command.
+_ATOM_RE = re.compile(b'[^' + re.escape(bytes(sorted(_ATOM_SPECIALS))) + b']+')
+# The longest run of a quoted string's valid content; a '"' must come next.
+_QUOTED_RE = re.compile(rb'"([^"\\\r\n\x00]*(?:\\["\\][^"\\\r\n\x00]*)*)')
+_ESCAPE_RE = re.compile(rb'\\(["\\])')
 
 
 class _Parser:
@@ -142,7 +151,10 @@ class _Parser:
         return BadCommand(self.tag, message)
 
     def at_end(self) -> bool:
-        return self.data[self.pos:] in (b'\r\n', b'\n')
+        """True when only the command's line end is left."""
+        rest = len(self.data) - self.pos
+        return (rest == 2 and self.data.startswith(b'\r\n', self.pos)) or \
+            (rest == 1 and self.data.startswith(b'\n', self.pos))
 
     def expect_space(self) -> None:
         if self.data[self.pos:self.pos + 1] != b' ':
@@ -188,34 +200,26 @@ class _Parser:
             # RFC 3516: literal8 only where the grammar says so (APPEND); Dovecot's
             # pre-login parser refuses it too.
             raise self.fail('literal8 not allowed here')
-        end = pos
-        while end < len(data) and data[end] not in _ATOM_SPECIALS:
-            end += 1
-        if end == pos:
+        match = _ATOM_RE.match(data, pos)
+        if match is None:
             raise self.fail('Invalid argument')
-        self.pos = end
-        atom = data[pos:end]
-        return None if atom.upper() == b'NIL' else atom
+        self.pos = match.end()
+        atom = match.group()
+        return None if len(atom) == 3 and atom.upper() == b'NIL' else atom
 
     def quoted(self) -> bytes:
-        # RFC 3501 section 4.3: only \" and \\ may be escaped; 8-bit octets are tolerated
-        # as Dovecot does.
-        data, pos = self.data, self.pos + 1
-        out = bytearray()
-        while pos < len(data):
-            char = data[pos]
-            if char == 0x22:
-                self.pos = pos + 1
-                return bytes(out)
-            if char == 0x5C:
-                pos += 1
-                if pos >= len(data) or data[pos] not in (0x22, 0x5C):
-                    raise self.fail('Invalid escape in quoted string')
-            elif char in (0x0D, 0x0A, 0x00):
-                raise self.fail('Invalid character in quoted string')
-            out.append(data[pos])
-            pos += 1
-        raise self.fail('Unterminated quoted string')
+        # RFC 3501 section 4.3: only \" and \\ may be escaped, and CR, LF and NUL may not
+        # appear; 8-bit octets are tolerated as Dovecot does.
+        match = _QUOTED_RE.match(self.data, self.pos)      # the opening '"' is there
+        end = match.end()
+        stop = self.data[end:end + 1]
+        if stop != b'"':
+            raise self.fail('Invalid escape in quoted string' if stop == b'\\' else
+                            'Unterminated quoted string' if not stop else
+                            'Invalid character in quoted string')
+        self.pos = end + 1
+        value = match.group(1)
+        return _ESCAPE_RE.sub(rb'\1', value) if b'\\' in value else value
 
     def literal(self) -> bytes:
         match = _ARG_LITERAL_RE.match(self.data, self.pos)

@@ -193,12 +193,12 @@ def test_tag_and_head():
     assert tag_of(b'* NOOP\r\n') is None
 
 
-def parse_split(data: bytes):
-    """parse_command over the bytes a Framer assembles when fed one byte at a time."""
+def parse_split(data: bytes, step: int = 1):
+    """parse_command over the bytes a Framer assembles when fed `step` bytes at a time."""
     framer = Framer(1000)
     parts = []
-    for byte in data:
-        framer.feed(bytes([byte]))
+    for start in range(0, len(data), step):
+        framer.feed(data[start:start + step])
         while (event := framer.next_event()) is not None:
             parts.append(event.data)
     assert framer.at_boundary
