@@ -205,6 +205,13 @@ KEYS = (
     Key('max_connections_per_user', _integer(1, 10000), '10',
         'Most backend connections of one user, active plus cached. Keep it at or below '
         'the server\'s per-user limit (Dovecot: mail_max_userip_connections, 10).'),
+    Key('username_case', _choice('lower', 'exact'), 'lower',
+        'How the server compares user names, so that the proxy counts, caches and flushes '
+        'one account under one name: lower (ASCII lower case, so USER1 and user1 are one '
+        'user) or exact. Dovecot: lower, unless auth_username_format was changed to one '
+        'that does not lower-case the name (its default, %Lu, does). Cyrus: lower with '
+        'username_tolower (on by default), else exact. Courier: exact. The server and the '
+        'log still see the name as the client spelled it.'),
     Key('send_reuse_code', _boolean, 'no',
         'Tell clients when they get a reused connection: [XPROXYREUSE] before the login '
         'OK, and XIMAPPROXY in the pre-login capabilities (up-imapproxy\'s convention).'),
@@ -339,6 +346,7 @@ class ProxyConfig:
     cache_expiration_time: float
     max_auth_age: float
     max_connections_per_user: int
+    username_case: str
     send_reuse_code: bool
     expiry_interval: float
     connect_timeout: float
@@ -399,6 +407,11 @@ class ProxyConfig:
         if self.client_starttls is None:
             return self.client_tls
         return self.client_starttls
+
+    def fold_username(self, name: bytes) -> bytes:
+        """Return the spelling of user name `name` that the server compares
+        (username_case): ASCII lower case, as Dovecot's %Lu, or `name` itself."""
+        return name.lower() if self.username_case == 'lower' else name
 
     @property
     def log_level_number(self) -> int:

@@ -295,7 +295,7 @@ def login(server, session_id: str, key, verifier: bytes, credentials: tuple,
     authzid, user, password = credentials
     conn = None
     try:
-        conn = connect(server, session_id, user)
+        conn = connect(server, session_id, key[1])    # the name as the server compares it
         conn.state = State.LOGGING_IN
         if id_fields is not None:
             identify(conn, id_fields(), config.login_timeout)

@@ -308,14 +308,15 @@ class ProxyServer(Listener):
         cache.per_user = config.max_connections_per_user
         cache.max_auth_age = config.max_auth_age
         self.choice.servers = config.servers
-        if backend_keys & set(live) or 'cache_per_client_ip' in live:
+        # Keys made under other rules would never match a login again.
+        if backend_keys & set(live) or {'cache_per_client_ip', 'username_case'} & set(live):
             self.flush(None, 'server settings changed')
         return live, restart
 
     def flush(self, user: Optional[bytes] = None, reason: str = 'admin flush') -> int:
-        """Log out the cached connections of `user`, or all; active ones are not cached
-        again. Returns how many were logged out."""
-        entries = self.cache.flush(user)
+        """Log out the cached connections of `user` (compared as username_case says),
+        or all; active ones are not cached again. Returns how many were logged out."""
+        entries = self.cache.flush(None if user is None else self.config.fold_username(user))
         for entry in entries:
             gevent.spawn(entry.conn.logout, reason)
         return len(entries)

@@ -336,10 +336,14 @@ class ClientSession:
         Returns True when logged in; False after telling the client why not.
         """
         self.origin = originating_ip(self.client_id, self.address[0], self.trusted)
-        # The client's address is part of the key only where the server's policy
-        # depends on it.
-        self.key = (authzid, user, self.origin) if self.config.cache_per_client_ip \
-            else (authzid, user)
+        # One account, one key: the names as the server compares them (username_case;
+        # Dovecot's %Lu makes USER1 user1). The server and the log get the client's
+        # spelling. The client's address is part of the key only where the server's
+        # policy depends on it.
+        fold = self.config.fold_username
+        identity = (fold(authzid), fold(user))
+        self.key = identity + (self.origin,) if self.config.cache_per_client_ip \
+            else identity
         started = time.monotonic()
         # Only a new server login sends the ID fields: worked out then, not on every login.
         fields = (lambda: id_fields(self.client_id, self.address, self.sock.getsockname()[:2],

@@ -94,6 +94,8 @@ def test_shipped_file_is_valid_and_documents_every_default(tmp_path):
     ('server_hostname = x\ntrusted_networks = 10.0.0.0/8 webmail\n', 'trusted_networks',
      "'webmail' is not a network"),
     ('server_hostname = x\ntls_min_version = ssl3\n', 'tls_min_version', 'is not one of'),
+    ('server_hostname = x\nusername_case = upper\n', 'username_case',
+     "'upper' is not one of lower, exact"),
     ('server_hostname = x\nforward_client_ip = maybe\n', 'forward_client_ip', "'maybe' is not yes or no"),
 ])
 def test_errors_name_file_key_and_problem(tmp_path, body, key, problem):
