@@ -93,7 +93,8 @@ class BackendConnection:
         login_text: the text of the server's tagged OK to the login, replayed on reuse.
         profile: the sticky state the connection has, as the set of extension names
             ENABLEd on it (RFC 5161; QRESYNC implies CONDSTORE). Part of the cache key.
-        enabled: the extension names the server listed in its `* ENABLED` replies.
+        replay: the tracker's Replay of the ENABLE that set `profile`, if one did: the
+            command and the server's answer, given to a later session that sends it.
         framer: the server-side Framer; the relay and the proxy's own commands share it, so
             a response half-read by one is finished by the other.
         on_close: called with the connection and the reason once it is closed.
@@ -108,7 +109,7 @@ class BackendConnection:
         self.capabilities = []
         self.login_text = b'Logged in'
         self.profile: frozenset = frozenset()
-        self.enabled: list[bytes] = []
+        self.replay = None
         self.tls = None               # the BackendTLS it was wrapped with, if any
         self.on_close = on_close
         self.created = time.monotonic()

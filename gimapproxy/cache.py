@@ -68,6 +68,13 @@ class Entry:
         """The connection's sticky state (see BackendConnection.profile)."""
         return self.conn.profile
 
+    def serves(self, profile: frozenset, enabled_by: Optional[bytes]) -> bool:
+        """Whether the connection has exactly `profile`, set by the command bytes
+        `enabled_by` when given."""
+        conn = self.conn
+        return conn.profile == profile and (enabled_by is None or (
+            conn.replay is not None and conn.replay.command == enabled_by))
+
 
 class ConnectionCache:
     """Backend connections by identity, with global and per-user limits and expiry.
@@ -128,16 +135,19 @@ class ConnectionCache:
 
     # -- the login path ----------------------------------------------------------------
 
-    def checkout(self, key: Hashable, verifier: bytes,
-                 profile: frozenset = EMPTY_PROFILE) -> Optional[Entry]:
+    def checkout(self, key: Hashable, verifier: bytes, profile: frozenset = EMPTY_PROFILE,
+                 enabled_by: Optional[bytes] = None) -> Optional[Entry]:
         """Take a cached connection of `key` with a matching verifier and exactly
         `profile`, whose password check is younger than max_auth_age; or return None.
+        With `enabled_by`, only one whose profile was set by those command bytes (its
+        connection's `replay`).
 
         The entry's semaphore is held by the caller until `release` or `discard`.
         """
         oldest_auth = self.clock() - self.max_auth_age
         for entry in self._entries.get(key, ()):
-            if (not entry.cached or entry.profile != profile or entry.auth_time <= oldest_auth
+            if (not entry.cached or not entry.serves(profile, enabled_by)
+                    or entry.auth_time <= oldest_auth
                     or not hmac.compare_digest(entry.verifier, verifier)):
                 continue
             if not entry.lock.acquire(blocking=False):
@@ -155,12 +165,12 @@ class ConnectionCache:
         entry.returning = Event()
 
     def wait_returning(self, key: Hashable, verifier: bytes, profile: frozenset,
-                       timeout: float) -> bool:
+                       timeout: float, enabled_by: Optional[bytes] = None) -> bool:
         """Wait, at most `timeout` seconds, for an entry of `key` that is being reset to be
         cached and that `checkout` could then hand out (same verifier and profile).
         Returns False at once when there is none, else True once it is back or gone."""
         for entry in self._entries.get(key, ()):
-            if (entry.returning is not None and entry.profile == profile
+            if (entry.returning is not None and entry.serves(profile, enabled_by)
                     and hmac.compare_digest(entry.verifier, verifier)):
                 entry.returning.wait(timeout)
                 return True

@@ -60,9 +60,15 @@ SEARCHING = frozenset((b'SEARCH', b'UID SEARCH', b'SORT', b'UID SORT', b'THREAD'
 SERVER_TAG_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]+\x7f-\xff]+(?=[ \r\n])')
 SERVER_NAME_RE = re.compile(rb'[^\x00-\x20(){%*"\\\]\x7f-\xff]+(?=[ \r\n])')
 # Arguments, strictly: spaces, parentheses, quoted strings (RFC 3501 section 4.3: no CR,
-# LF or NUL), a literal announcement at the line end, atoms.
+# LF or NUL), a literal announcement at the line end (no digits is size 0, as Dovecot
+# reads it), atoms.
 TOKEN_RE = re.compile(rb' +|\(|\)|"(?:[^"\\\r\n\x00]|\\[^\r\n\x00])*"'
-                      rb'|~?\{[0-9]+\+?\}\r?\n\Z|[^\x00-\x20(){"\x7f-\xff]+')
+                      rb'|~?\{[0-9]*\+?\}\r?\n\Z|[^\x00-\x20(){"\x7f-\xff]+')
+# What follows SELECT or EXAMINE when it turns CONDSTORE on for certain (RFC 7162
+# section 3.1): a mailbox, an atom or a quoted string, and the one parameter CONDSTORE.
+SELECT_CONDSTORE_RE = re.compile(rb' (?:[^\x00-\x20(){%*"\\\x7f-\xff]+'
+                                 rb'|"(?:[^"\\\r\n\x00]|\\["\\])*")'
+                                 rb' \((?i:CONDSTORE)\)\r?\n\Z')
 # RFC 7162 section 3.1: what turns CONDSTORE on without ENABLE (QRESYNC's keywords need
 # it on). A mailbox of such a name only costs a reuse.
 CONDSTORE_RE = re.compile(rb'\b(?:CONDSTORE|QRESYNC|HIGHESTMODSEQ|MODSEQ|CHANGEDSINCE|'

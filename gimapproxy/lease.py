@@ -135,9 +135,12 @@ class Lease:
                     raise
                 server.cache.wait_freed(deadline - now)
 
-    def checkout(self, profile: frozenset) -> Optional[Entry]:
-        """A cached connection of this lease's identity and password with `profile`."""
-        return checkout(self.server, self.entry.key, self.entry.verifier, profile)
+    def checkout(self, profile: frozenset,
+                 enabled_by: Optional[bytes] = None) -> Optional[Entry]:
+        """A cached connection of this lease's identity and password with `profile`
+        (set by the command bytes `enabled_by`, when given)."""
+        return checkout(self.server, self.entry.key, self.entry.verifier, profile,
+                        enabled_by)
 
     def switch(self, entry: Entry, unclean: Optional[str]) -> None:
         """Hold `entry` (from `checkout`) instead. Nothing was sent on the current
@@ -173,15 +176,15 @@ class Lease:
             self.drop_unclean(why, reason)
             _call(farewell)
             return
-        conn.profile, conn.enabled = tracker.profile, tracker.enabled
-        if tracker.condstore:
+        conn.profile, conn.replay = tracker.profile, tracker.replay
+        implicit = tracker.condstore and not CONDSTORE <= conn.profile
+        if implicit:
             # Turned on without ENABLE (or so it seemed): the reset makes sure of it.
-            conn.profile = conn.profile | CONDSTORE
-            conn.enabled = conn.enabled + [b'CONDSTORE']
+            conn.profile, conn.replay = conn.profile | CONDSTORE, None
         conn.state = State.RESETTING
         timeout = self.server.config.reset_timeout
         try:
-            sent = conn.start_reset(timeout, tracker.condstore)
+            sent = conn.start_reset(timeout, implicit)
             if farewell is not None:
                 self.server.cache.returning(entry)
                 farewell()
@@ -245,14 +248,17 @@ def _call(farewell: Optional[Callable[[], None]]) -> None:
         farewell()
 
 
-def checkout(server, key, verifier: bytes, profile: frozenset) -> Optional[Entry]:
-    """A cached connection of `key` with a matching verifier and exactly `profile`, made
-    active; or None. Waits (reset_timeout at most) for one whose reset is under way."""
+def checkout(server, key, verifier: bytes, profile: frozenset,
+             enabled_by: Optional[bytes] = None) -> Optional[Entry]:
+    """A cached connection of `key` with a matching verifier and exactly `profile` (set
+    by `enabled_by`, when given), made active; or None. Waits (reset_timeout at most)
+    for one whose reset is under way."""
     cache, waited = server.cache, False
     while True:
-        entry = cache.checkout(key, verifier, profile)
+        entry = cache.checkout(key, verifier, profile, enabled_by)
         if entry is None and not waited:
-            waited = cache.wait_returning(key, verifier, profile, server.config.reset_timeout)
+            waited = cache.wait_returning(key, verifier, profile, server.config.reset_timeout,
+                                          enabled_by)
             if waited:
                 continue
         if entry is None:

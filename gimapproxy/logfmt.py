@@ -30,9 +30,13 @@ class ProtocolTrace:
 
     def client(self, data: bytes, kind: str) -> None:
         """A piece of client input: `kind` is 'first' (a command's first line), 'more'
-        (its later lines) or 'literal'."""
+        (its later lines), 'literal', or 'raw' (bytes the tracker no longer frames, once
+        the connection is unclean: shown by their size, as they may hold anything)."""
         if kind == 'literal':
             self.text('C', '<literal data, %d bytes>' % len(data))
+            return
+        if kind == 'raw':
+            self.text('C', '<unframed data, %d bytes>' % len(data))
             return
         if kind == 'first':
             words = data.split(b' ', 2)

@@ -25,8 +25,9 @@ __all__ = [
 MAX_LITERAL = 0xFFFFFFFF
 
 # A line ends in a literal announcement: `{n}`, `{n+}` (RFC 7888), `~{n}` (RFC 3516). The
-# size may have any number of digits, leading zeros included, as Dovecot reads it.
-_LITERAL_RE = re.compile(rb'(~?)\{([0-9]+)(\+?)\}\r?\n\Z')
+# size may have any number of digits, leading zeros included, or none (`{}`, `{+}`: size
+# 0), as Dovecot reads it.
+_LITERAL_RE = re.compile(rb'(~?)\{([0-9]*)(\+?)\}\r?\n\Z')
 # Significant digits of the largest size worth reading (MAX_LITERAL has ten).
 _MAX_DIGITS = 10
 
@@ -245,7 +246,7 @@ class Framer:
 
 
 # A literal announcement at the end of any line in a run of lines.
-_ANNOUNCEMENT_RE = re.compile(rb'\{[0-9]+\+?\}\r?\n')
+_ANNOUNCEMENT_RE = re.compile(rb'\{[0-9]*\+?\}\r?\n')
 
 
 # ---------------------------------------------------------------------------------------

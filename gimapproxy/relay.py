@@ -29,13 +29,14 @@ from .duplex import CLIENT_IN, CLIENT_OUT, SERVER_IN, SERVER_OUT, Duplex
 from .lease import describe
 from .logfmt import ProtocolTrace
 from .protocol import LiteralData, ProtocolError
-from .tracker import Held, Tracker, enable_profile
+from .tracker import Held, Tracker
 
 __all__ = ['Relay', 'End']
 
 log = logging.getLogger('gimapproxy.relay')
 
-LOGOUT_WAIT = 60.0            # for replies to commands pipelined before LOGOUT
+LOGOUT_WAIT = 60.0            # for replies to commands pipelined before LOGOUT,
+LOGOUT_SILENCE = 2.0          # while the server says something at least this often
 QUEUE_LIMIT = 256 * 1024      # bytes waiting for one side before its source is not read
 
 _monotonic = time.monotonic
@@ -72,7 +73,7 @@ class Relay:
         self.write_timeout = config.write_timeout
         self.trace = ProtocolTrace(log, session_id, user) if trace else None
         self.io: Optional[Duplex] = None
-        self.last_activity = _monotonic()
+        self.last_activity = self.server_heard = _monotonic()
         self.idle = False             # idle_timeout passed: say BYE
         self.idle_timer = None
         self.local: list[bytes] = []  # the proxy's words, waiting for a response's end
@@ -164,7 +165,8 @@ class Relay:
         or after it until the proxy's last words have followed a whole response."""
         io = self.io
         sides = 0
-        if self.ending is None and self.logout is None and io.server.queued < QUEUE_LIMIT:
+        if (self.ending is None and self.logout is None and io.server.queued < QUEUE_LIMIT
+                and self.tracker.framer.buffered < QUEUE_LIMIT):
             sides = CLIENT_IN
         if (self.ending is None or self.local) and io.client.queued < QUEUE_LIMIT:
             sides |= SERVER_IN
@@ -189,7 +191,7 @@ class Relay:
             times = [side.stalled + self.write_timeout
                      for side in (client, server) if side.stalled is not None]
             if self.logout is not None:
-                times.append(self.logout_deadline)
+                times.append(self.logout_due())
             if self.ending is not None:
                 times.append(self.ending_deadline)
             deadline = min(times)
@@ -227,13 +229,7 @@ class Relay:
         tracker = self.tracker
         tracker.feed(data)
         while self.logout is None and self.ending is None:
-            try:
-                event = tracker.next_event()
-            except ProtocolError as exc:
-                tracker.doubt('oversized command')
-                self.finish(End('client', 'client protocol error: %s' % exc),
-                            b'* BYE Command line too long.\r\n')
-                break
+            event = tracker.next_event()
             if event is None:
                 break
             if self.trace:
@@ -259,7 +255,9 @@ class Relay:
         elif held.kind == 'logout':
             # Answered once every earlier command has its reply: see check_logout.
             self.logout = held
-            self.logout_deadline = _monotonic() + LOGOUT_WAIT
+            now = _monotonic()
+            self.logout_deadline = now + LOGOUT_WAIT
+            self.server_heard = now           # silence counts from the LOGOUT on
         else:
             self.to_server(self.tracker.forward(held))
 
@@ -267,11 +265,14 @@ class Relay:
         """LOGOUT on a clean connection: once every earlier command has its reply and
         the client has it, return the End that has the proxy answer it. When the
         connection is no longer clean by then, or the replies do not come within
-        LOGOUT_WAIT, the LOGOUT goes to the server, which answers it; the relay goes on
-        until the server closes."""
+        LOGOUT_WAIT, or the server falls silent for LOGOUT_SILENCE while they are owed,
+        the LOGOUT goes to the server, which answers it; the relay goes on until the
+        server closes. A server that read a command otherwise than the proxy (it took
+        it for a literal, say) never answers its tag: it gets the LOGOUT at once."""
         tracker = self.tracker
-        if not (self.settled() and self.lease.conn.framer.at_boundary):
-            if _monotonic() < self.logout_deadline:
+        if tracker.unclean is None and not (self.settled()
+                                            and self.lease.conn.framer.at_boundary):
+            if _monotonic() < self.logout_due():
                 return None
             tracker.doubt('no reply to commands pipelined before LOGOUT')
         held, self.logout = self.logout, None
@@ -280,17 +281,22 @@ class Relay:
         self.to_server(tracker.forward(held))
         return self.on_client(b'')            # commands pipelined after it
 
+    def logout_due(self) -> float:
+        """When a held LOGOUT stops waiting for the replies owed before it."""
+        return min(self.logout_deadline, self.server_heard + LOGOUT_SILENCE)
+
     def take_profile(self, held: Held) -> bool:
         """Serve a session whose first command that changes state asks for a profile
-        (ENABLE, or a command that turns CONDSTORE on) from a cached connection of that
-        profile. The commands before it changed nothing (ID, CAPABILITY, NOOP,
+        (an ENABLE, or a SELECT or EXAMINE with CONDSTORE) from a cached connection of
+        that profile. The commands before it changed nothing (ID, CAPABILITY, NOOP,
         NAMESPACE) and have their replies, so the current connection goes back to the
-        cache as it is. An ENABLE is then answered as the server answered it on a fresh
-        connection; any other command goes to the new connection. Returns False when
-        there is none: the command then goes to the server as usual."""
+        cache as it is. An ENABLE moves only to a connection whose profile was set by
+        the same bytes, and gets the server's answer to them then, under its own tag;
+        a SELECT or EXAMINE goes to the new connection. Returns False when there is
+        none: the command then goes to the server as usual."""
         if not self.settled():
             return False
-        entry = self.lease.checkout(held.profile)
+        entry = self.lease.checkout(held.profile, held.key)
         if entry is None:
             return False
         old = self.lease.conn
@@ -302,15 +308,11 @@ class Relay:
         self.io.attach(conn.sock)
         log.info('profile: id=%s backend=%s result=reused replaced=%s profile=%s', self.id,
                  conn.id, old.id, describe(conn))
-        if held.name == b'ENABLE':
-            self.tracker.answered(conn.profile, conn.enabled)
-            # The names asked for that the server turned on (QRESYNC brings CONDSTORE).
-            on = enable_profile(conn.enabled)
-            names = [name for name in held.names if name.upper() in on]
-            self.say(b' '.join([b'* ENABLED'] + names) + b'\r\n' + held.tag
-                     + b' OK Enabled.\r\n')
+        if held.key is not None:
+            self.tracker.answered(conn.profile, conn.replay)
+            self.say(conn.replay.answer(held.tag))
         else:
-            self.tracker.adopt(conn.profile, conn.enabled)
+            self.tracker.adopt(conn.profile, conn.replay)
             self.to_server(self.tracker.forward(held))
         return True
 
@@ -328,7 +330,7 @@ class Relay:
             return self.server_gone('server closed the connection')
         if server.more(data):
             self.io.ready |= SERVER_IN
-        self.last_activity = _monotonic()
+        self.last_activity = self.server_heard = _monotonic()
         return self.on_server(data)
 
     def on_server(self, data: bytes) -> Optional[End]:
@@ -362,7 +364,14 @@ class Relay:
         if out:
             self.io.client.put(b''.join(out) if len(out) > 1 else out[0])
             self.counters['bytes_out'] += size
-        return None if error is None else self.server_gone(error)
+        if error is not None:
+            return self.server_gone(error)
+        if self.tracker.released:
+            # A "+" or a refusal answered a synchronizing literal: the client's bytes
+            # held behind it can be framed now.
+            self.tracker.released = False
+            return self.on_client(b'')
+        return None
 
     def on_lines(self, data: bytes, first: bool) -> bytes:
         """Hand the tracker the first line of every response among the whole lines in

@@ -24,7 +24,7 @@ from .logfmt import printable
 from .command import BadCommand, parse_command, tag_of
 from .protocol import Framer, Line, LiteralData, ProtocolError
 from .relay import Relay
-from .tracker import Tracker
+from .tracker import Tracker, new_prefix
 from .sockio import recv_when_ready, send_all
 
 __all__ = ['ClientSession', 'PRELOGIN_CAPABILITIES']
@@ -402,12 +402,14 @@ class ClientSession:
         """Relay until the session ends, then hand the backend connection to its fate:
         kept (reset and cached) when clean, closed otherwise. Returns why it ended."""
         conn = self.lease.conn
-        tracker = Tracker(conn.profile, conn.enabled)
+        tracker = Tracker(conn.profile, conn.replay, new_prefix())
         tracker.feed(self.framer.take_buffered())   # commands pipelined after the login
-        user = self.user.decode('utf-8', 'replace')
+        fold = self.config.fold_username
+        traced = any(fold(name.encode('utf-8')) == self.key[1]
+                     for name in self.config.trace_users)
         end = Relay(self.id, self.sock, self.lease, tracker, self.config,
                     self.server.counters, self.user,
-                    trace=user in self.config.trace_users).run()
+                    trace=traced).run()
         lease, self.lease = self.lease, None
         if end.side == 'logout':
             log.info('logout: id=%s user=%s backend=%s profile=%s', self.id,

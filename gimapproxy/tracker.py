@@ -6,34 +6,51 @@ server response (`on_response`), and asks it:
 
 * what is in flight (`inflight`, `quiet`), and who owns a `+` continuation request;
 * whether a mailbox may be selected (`selected`);
-* the ENABLE and CONDSTORE profile (`profile`, `enabled`, `condstore`);
+* the ENABLE and CONDSTORE profile (`profile`, `condstore`, `replay`);
 * whether the connection is still clean (`unclean` is None), and if not, why.
+
+Every command it frames goes to the server under a tag of the proxy's own: `prefix`
+(random per session, never shown to the client) and a counter. The server's tagged
+reply is given back to the client under the client's tag, byte for byte otherwise. So
+what the server ran is visible in what it answered: a reply to a tag the proxy never
+sent means the server read as a command bytes the proxy took for something else, and a
+tag still unanswered when the session ends means it read a command differently. Either
+keeps the connection out of the cache, whatever the rules below said.
 
 It reads the client's commands the way the server does, so that both agree on where each
 command and each literal ends: Dovecot 2.3's rules for tags, command names and literal
 sizes, which arguments each command reads, and literal8 only where the grammar has it.
 Whatever it is not sure of, it passes on unchanged (the client gets the server's
-answer) and marks the connection unclean. docs/isolation.md lists the rules.
+answer) and marks the connection unclean; from then on it frames nothing, and the
+client's bytes go to the server exactly as they came. docs/isolation.md lists the rules.
 """
 from __future__ import annotations
 
+import secrets
 from typing import Optional, Union
 
 from .command import (ALL, COMMANDS, CONDSTORE, CONDSTORE_RE, DESELECTING, LITERAL8,
-                      NONE, SEARCHING, SELECTING, SERVER_NAME_RE, SERVER_TAG_RE, STATELESS,
-                      STICKY, TOKEN_AFTER, TOKEN_RE, UPDATE_RE)
+                      NONE, SEARCHING, SELECT_CONDSTORE_RE, SELECTING, SERVER_NAME_RE,
+                      SERVER_TAG_RE, STATELESS, STICKY, TOKEN_AFTER, TOKEN_RE, UPDATE_RE)
 from .protocol import (Framer, Line, LiteralData, ProtocolError, parse_response,
                        rewrite_capabilities)
 
-__all__ = ['Tracker', 'Held', 'enable_profile', 'MAX_COMMAND_LINE']
+__all__ = ['Tracker', 'Held', 'Replay', 'enable_profile', 'new_prefix', 'MAX_COMMAND_LINE']
 
-# After login: Dovecot's imap_max_line_length is 64 KiB; leave room above it.
+# After login: Dovecot's imap_max_line_length is 64 KiB; leave room above it. A longer
+# line is not refused: the connection is doubted and the line goes on to the server,
+# whose limits apply.
 MAX_COMMAND_LINE = 128 * 1024
 # Dovecot counts a command's literals into its line length, except APPEND's; past this
 # it refuses the command or disconnects, and a literal may go unread.
 SERVER_LINE_LIMIT = 64 * 1024
 # Literals this small are read for keywords (a search key sent as a literal).
 SMALL_LITERAL = 64
+
+
+def new_prefix() -> bytes:
+    """A prefix for a session's owned tags: 48 random bits no client can guess."""
+    return b'P' + secrets.token_hex(6).encode() + b'.'
 
 
 def enable_profile(names) -> frozenset:
@@ -45,28 +62,45 @@ def enable_profile(names) -> frozenset:
     return frozenset(profile)
 
 
+class Replay:
+    """The command that gave a connection its profile, as the client wrote it after its
+    tag (`command`), and the server's whole answer to it: the untagged lines and the
+    tagged line after its tag. A later session whose first command that changes state is
+    the same bytes gets this answer under its own tag instead of a server round trip."""
+    __slots__ = ('command', 'untagged', 'tagged')
+
+    def __init__(self, command: bytes, untagged: bytes, tagged: bytes) -> None:
+        self.command, self.untagged, self.tagged = command, untagged, tagged
+
+    def answer(self, tag: bytes) -> bytes:
+        return self.untagged + tag + self.tagged
+
+
 class Held:
     """A command the relay may answer itself, or send on another connection: `kind` is
     'logout', 'compress', or 'profile': the session's first command that changes
-    state asks for `profile` (an ENABLE of `names`, or one that turns CONDSTORE on), and
-    a cached connection of that profile may serve the session instead. Nothing is
-    recorded until the relay calls `Tracker.forward` (or `answered`); a refused one
-    leaves no trace."""
-    __slots__ = ('kind', 'tag', 'name', 'data', 'names', 'profile')
+    state asks for `profile`, and a cached connection of that profile may serve the
+    session instead (an ENABLE, only one whose profile was set by the same bytes, `key`;
+    a SELECT or EXAMINE with the CONDSTORE parameter, any). Nothing is recorded until
+    the relay calls `Tracker.forward` (or `answered`); a refused one leaves no trace."""
+    __slots__ = ('kind', 'tag', 'name', 'data', 'profile', 'key')
 
-    def __init__(self, kind: str, tag: bytes, name: bytes, data: bytes, names=(),
-                 profile: frozenset = frozenset()) -> None:
+    def __init__(self, kind: str, tag: bytes, name: bytes, data: bytes,
+                 profile: frozenset = frozenset(), key: Optional[bytes] = None) -> None:
         self.kind, self.tag, self.name, self.data = kind, tag, name, data
-        self.names, self.profile = names, profile
+        self.profile, self.key = profile, key
 
 
 class Command:
-    """A command sent to the server and not yet answered."""
-    __slots__ = ('tag', 'name', 'reads', 'depth', 'args', 'literals', 'size', 'names',
-                 'copies', 'keyword')
+    """A command sent to the server and not yet answered: `tag` is the proxy's,
+    `client_tag` the client's."""
+    __slots__ = ('tag', 'client_tag', 'name', 'reads', 'depth', 'args', 'literals', 'size',
+                 'names', 'keyword', 'sync')
 
-    def __init__(self, tag: bytes, name: bytes, reads: Optional[int]) -> None:
+    def __init__(self, tag: bytes, client_tag: bytes, name: bytes,
+                 reads: Optional[int]) -> None:
         self.tag = tag
+        self.client_tag = client_tag
         self.name = name
         self.reads = reads           # from COMMANDS; None: the server may not know it
         self.depth = 0               # open parentheses
@@ -74,35 +108,44 @@ class Command:
         self.literals = 0
         self.size = 0
         self.names = ()              # ENABLE: the names asked for
-        self.copies = 0              # more commands in flight under the same tag
         self.keyword = b''           # a small literal's bytes, read for keywords
+        self.sync = 0                # the size of a synchronizing literal owed a "+"
 
 
 class Tracker:
     """Follows one logged-in session; see the module docstring.
 
-    `profile` is the ENABLE state the connection starts with. `unclean` is None while
-    the connection may serve another session, else the first reason it may not.
+    `profile` is the ENABLE state the connection starts with, `replay` the Replay that
+    set it, if known. `prefix` starts every owned tag (see new_prefix). `unclean` is
+    None while the connection may serve another session, else the first reason it may
+    not.
     """
 
-    def __init__(self, profile: frozenset = frozenset(), enabled=(),
-                 max_line: int = MAX_COMMAND_LINE) -> None:
+    def __init__(self, profile: frozenset = frozenset(), replay: Optional[Replay] = None,
+                 prefix: bytes = b'P.', max_line: int = MAX_COMMAND_LINE) -> None:
         self.framer = Framer(max_line, auto_literals=False)
         self.profile = profile
-        self.enabled: list[bytes] = list(enabled)   # names the server said it turned on
-        self.inflight: dict[bytes, Command] = {}
+        self.replay = replay
+        self.prefix = prefix
+        self.sent = 0                # owned tags handed out
+        self.inflight: dict[bytes, Command] = {}      # by the proxy's tag
         self.unclean: Optional[str] = None
         self.selected: Optional[bool] = False
         self.selecting = 0
         self.current: Optional[Command] = None     # the command whose lines are read
         self.idle: Optional[Command] = None         # an IDLE whose ending line is due
         self.waiting: list[Command] = []            # commands owed a "+", in order
-        self.listed: list[bytes] = []               # names in `* ENABLED` replies
+        self.held: Optional[Command] = None         # its literal waits for that "+"
+        self.released = False        # a "+" or a refusal ended `held`: frame on
+        self.listed: list[bytes] = []               # `* ENABLED` lines of an ENABLE
+        self.enabling: Optional[Command] = None     # see record
+        self.enabling_text = b''
         self.condstore = False       # CONDSTORE may have been turned on without ENABLE
         self.pinned = False          # a command that may change state was sent
         self.server_bye = False
-        self.logging_out = False     # the client's LOGOUT went to the server
+        self.logging_out = False     # the server said BYE, then OK to a command
         self.event_kind = ''         # the last event: 'first' line, 'more' lines, 'literal'
+        self._tail = b''             # the last client bytes, for the prefix search
 
     @property
     def quiet(self) -> bool:
@@ -117,17 +160,33 @@ class Tracker:
     # -- the client's side ----------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Append bytes received from the client."""
+        """Append bytes received from the client. A client that sends the owned tags'
+        prefix learned it from the server (data it made the server store, say): its
+        bytes may answer for the proxy's commands, so the connection is not reused."""
+        prefix = self.prefix
+        if prefix in data or prefix in self._tail + data[:len(prefix) - 1]:
+            self.doubt("client sent the proxy's tag")
+        self._tail = (self._tail + data if len(data) < len(prefix) else data)[1 - len(prefix):]
         self.framer.feed(data)
 
     def next_event(self) -> Union[bytes, Held, None]:
-        """Return the next piece of client input: bytes to send to the server (recorded),
-        a Held command, or None when more bytes are needed.
+        """Return the next piece of client input: bytes to send to the server (recorded,
+        with owned tags), a Held command, or None when more bytes are needed or a
+        synchronizing literal waits for the server's "+" (see `released`).
 
-        Raises:
-            ProtocolError: a line longer than the limit, or a literal size out of range.
+        Once the connection is unclean, every byte received goes on as it came.
         """
-        event = self.framer.next_event()
+        if self.unclean is not None:
+            return self.raw()
+        if self.held is not None:
+            return None
+        try:
+            event = self.framer.next_event()
+        except ProtocolError as exc:
+            # Too long a line, or a literal size no IMAP number has: the server's
+            # limits apply, not the proxy's.
+            self.doubt('command the proxy does not frame: %s' % exc)
+            return self.raw()
         if event is None:
             return None
         if isinstance(event, LiteralData):
@@ -147,20 +206,27 @@ class Tracker:
             return event.data
         return self.on_command(event)
 
+    def raw(self) -> Optional[bytes]:
+        self.event_kind = 'raw'
+        return self.framer.take_buffered() if self.framer.buffered else None
+
     def forward(self, held: Held) -> bytes:
         """Record a Held command as sent to the server; return its bytes."""
-        self.keywords(self.record(held.tag, held.name, held.data), held.data)
-        return held.data
+        data = held.data
+        command = self.record(held.tag, held.name, data)
+        self.keywords(command, data)
+        return command.tag + data[len(held.tag):]
 
-    def answered(self, profile: frozenset, enabled) -> None:
-        """The relay answered a Held ENABLE itself with a connection of `profile`."""
+    def answered(self, profile: frozenset, replay: Replay) -> None:
+        """The relay answered a Held ENABLE with `replay`, on a connection of
+        `profile`."""
         self.pinned = True
-        self.adopt(profile, enabled)
+        self.adopt(profile, replay)
 
-    def adopt(self, profile: frozenset, enabled) -> None:
+    def adopt(self, profile: frozenset, replay: Optional[Replay]) -> None:
         """The session goes on on another connection, of `profile`."""
         self.profile = profile
-        self.enabled = list(enabled)
+        self.replay = replay
 
     def on_command(self, line: Line) -> Union[bytes, Held]:
         data = line.data
@@ -182,53 +248,62 @@ class Tracker:
         if name is None:
             # A line that is not `tag SP command` (a late DONE, say): the server answers
             # it under that tag and reads nothing more.
-            self.record(tag, b'', data)
             self.doubt('not a command: %s' % tag[:30].decode('ascii'))
             return data
         name, pos = name
+        reads = COMMANDS.get(name)
+        if reads is None:
+            self.doubt('unknown command: %s' % name[:30].decode('ascii'))
+            return data
         rest = data[pos:]
         if line.literal is None:
             if name == b'COMPRESS':
                 return Held('compress', tag, name, data)
-            if name == b'LOGOUT' and rest in (b'\r\n', b'\n') and self.unclean is None:
+            if name == b'LOGOUT' and rest in (b'\r\n', b'\n'):
                 return Held('logout', tag, name, data)
-            if not self.pinned and not self.profile and self.unclean is None:
+            if not self.pinned and not self.profile:
                 held = self.profile_asked(tag, name, data, rest)
                 if held is not None:
                     return held
+        if name in STICKY:
+            self.doubt(name.decode().lower())
+            return data
         command = self.record(tag, name, data)
-        return self.on_segment(command, line, pos)
+        out = self.on_segment(command, line, pos)
+        if self.unclean is not None:
+            # Its first line says the server reads it otherwise: it goes as it came.
+            del self.inflight[command.tag]
+            return out
+        return command.tag + out[len(tag):]
 
     def profile_asked(self, tag: bytes, name: bytes, data: bytes,
                       rest: bytes) -> Optional[Held]:
-        """The Held first state-changing command when it asks for a profile."""
+        """The Held first state-changing command when it asks for a profile for certain:
+        an ENABLE, or a SELECT or EXAMINE with the CONDSTORE parameter (RFC 7162
+        section 3.1). A command that only might turn CONDSTORE on (a mailbox named
+        modseq, a FETCH of MODSEQ with nothing selected) stays on its connection."""
         if name == b'ENABLE':
             names = rest.split()
-            return Held('profile', tag, name, data, names, enable_profile(names)) \
-                if names else None
-        if name not in STATELESS and CONDSTORE_RE.search(rest):
-            return Held('profile', tag, name, data, profile=CONDSTORE)
+            return Held('profile', tag, name, data, enable_profile(names),
+                        data[len(tag):]) if names else None
+        if name in SELECTING and SELECT_CONDSTORE_RE.match(rest):
+            return Held('profile', tag, name, data, CONDSTORE)
         return None
 
     def record(self, tag: bytes, name: bytes, data: bytes) -> Command:
-        """Add a command to what is in flight and note what it does to the session."""
-        command = Command(tag, name, COMMANDS.get(name))
-        other = self.inflight.get(tag)
-        if other is not None:
-            other.copies += 1
-            self.doubt('tag reused while in flight')
-        else:
-            self.inflight[tag] = command
-        if not name:
-            return command
+        """Add a command to what is in flight, under a new owned tag, and note what it
+        does to the session."""
+        self.sent += 1
+        owned = self.prefix + b'%d' % self.sent
+        command = Command(owned, tag, name, COMMANDS.get(name))
+        # The ENABLE that sets the profile, alone in flight: its answer can be replayed.
+        self.enabling = (command if name == b'ENABLE' and not self.inflight
+                         and not self.profile and not self.pinned else None)
+        self.enabling_text = data[len(tag):] if self.enabling else b''
+        self.inflight[owned] = command
         if name not in STATELESS:
             self.pinned = True
-        if command.reads is None:
-            self.doubt('unknown command: %s' % name[:30].decode('ascii'))
-        elif name in STICKY:
-            self.doubt(name.decode().lower())
-            self.logging_out = self.logging_out or name == b'LOGOUT'
-        elif name in SELECTING:
+        if name in SELECTING:
             self.selecting += 1
         elif name == b'ENABLE':
             command.names = data.split()[2:]
@@ -258,12 +333,23 @@ class Tracker:
         command.size += size
         if command.size > SERVER_LINE_LIMIT and command.name != b'APPEND':
             self.doubt('command longer than the server reads')
-        command.literals += 1
         if line.sync:
+            # RFC 3501 section 7.5: the literal comes after the server's "+", or never
+            # (a tagged refusal): what the client sent meanwhile waits till then, and is
+            # then framed as the server will read it.
+            command.sync = size
             self.waiting.append(command)
+            self.held = command
+        else:
+            self.start_literal(command, size)
+        return data
+
+    def start_literal(self, command: Command, size: int) -> None:
         self.framer.expect_literal(size)
         self.current = command
-        return data
+        command.literals += 1
+        if not size and not command.depth:
+            command.args += 1            # {0}: the argument is whole already
 
     def reads_literal(self, command: Command, data: bytes, pos: int) -> bool:
         """Whether the server reads the literal announced at the end of `data`: the
@@ -287,7 +373,9 @@ class Tracker:
             if kind == 'lit':
                 if char == b'~' and command.name not in LITERAL8:
                     return False             # Dovecot: "literal8 not allowed here"
-                return reads == ALL or command.depth > 0 or command.args < reads
+                # A command that reads N arguments skips the rest of the line after
+                # them, a list that opens there and the literal in it included.
+                return reads == ALL or command.args < reads
             if kind == 'open':
                 command.depth += 1
             elif kind == 'close':
@@ -326,13 +414,18 @@ class Tracker:
 
     def on_response(self, line: bytes) -> bytes:
         """Note what the first line of a server response (without its LF) means; return
-        it for the client, the same object unless a capability list was filtered."""
+        it for the client: a tagged reply under the client's tag, a capability list
+        filtered, else the same object."""
         first = line[:1]
         if first == b'*':
             return self.on_untagged(line)
         if first == b'+':
             if self.waiting:
-                self.waiting.pop(0)
+                command = self.waiting.pop(0)
+                if command is self.held:
+                    self.held = None
+                    self.released = True
+                    self.start_literal(command, command.sync)
             else:
                 self.doubt('continuation request nobody asked for')
             return line
@@ -341,15 +434,14 @@ class Tracker:
         except ProtocolError:
             self.doubt('malformed server response')
             return line
-        command = self.inflight.get(response.tag)
+        if self.server_bye and response.status == b'OK':
+            self.logging_out = True      # RFC 3501 section 6.1.3: LOGOUT's answer
+        command = self.inflight.pop(response.tag, None)
         if command is None:
-            self.doubt('reply to a tag never sent')
+            self.doubt('server ran a command the proxy did not frame')
             return line
-        if command.copies:
-            command.copies -= 1
-        else:
-            del self.inflight[response.tag]
-        self.on_reply(command, response.status)
+        self.on_reply(command, response.status, line)
+        line = command.client_tag + line[len(command.tag):]
         if response.code and response.code[:11].upper() == b'CAPABILITY ':
             return rewrite_capabilities(line)
         return line
@@ -367,29 +459,30 @@ class Tracker:
             self.doubt('untagged BAD')
         elif word[:7] == b'ENABLED' and word[7:8] in (b' ', b'\r', b''):
             if any(command.name == b'ENABLE' for command in self.inflight.values()):
-                self.listed.extend(line.split()[2:])
-            else:
-                self.doubt('ENABLED without ENABLE')
+                self.listed.append(line)
+                return line
+            self.doubt('ENABLED without ENABLE')
         elif word == b'VANISHED' and b'QRESYNC' not in self.profile:
             self.doubt('implicit qresync')
         elif b'CAPABILITY' in line[:60].upper():
-            return rewrite_capabilities(line)
+            line = rewrite_capabilities(line)
+        self.enabling = None             # an ENABLE's answer has only ENABLED lines
         return line
 
-    def on_reply(self, command: Command, status: bytes) -> None:
+    def on_reply(self, command: Command, status: bytes, line: bytes) -> None:
         if command in self.waiting:
             # The server refused a synchronizing literal: the client will not send it
             # (RFC 3501 section 7.5); or an IDLE ended without its continuation.
             self.waiting.remove(command)
-            if command is self.current:
-                self.framer.cancel_literal()
-                self.current = None
+            if command is self.held:
+                self.held = None
+                self.released = True
         if command is self.idle:
             self.idle = None
-        if status == b'BAD' and command.literals:
-            # The server could not parse a command that had literals: it may not have
-            # read them as we did.
-            self.doubt('BAD reply to a command with literals')
+        if status != b'OK' and command.literals:
+            # The server refused a command that had literals: it may not have read
+            # them as announced (Dovecot reads a refused APPEND's as arguments).
+            self.doubt('%s reply to a command with literals' % status.decode('ascii'))
         name = command.name
         if name in SELECTING:
             self.selecting -= 1
@@ -401,9 +494,14 @@ class Tracker:
             if status != b'OK':
                 self.doubt('enable failed')
             else:
-                self.profile = self.profile | enable_profile(command.names)
-                known = {name.upper() for name in self.enabled}
-                self.enabled += [name for name in self.listed if name.upper() not in known]
+                profile = self.profile | enable_profile(command.names)
+                if command is self.enabling:
+                    self.replay = Replay(self.enabling_text, b''.join(
+                        listed + b'\n' for listed in self.listed),
+                        line[len(command.tag):] + b'\n')
+                elif profile != self.profile:
+                    self.replay = None
+                self.profile = profile
             self.listed = []
 
     # -- the end ---------------------------------------------------------------------

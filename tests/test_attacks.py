@@ -153,26 +153,24 @@ def test_literal_mismatch_leaves_nothing_behind(server, proxy, account, proxy_lo
 
 
 # -- 2. a tag reused while in flight ----------------------------------------------------
+#
+# The server sees the proxy's own tags, one per command: each reply goes back under the
+# client's tag, in order, and the bookkeeping is not confused.
 
-@pytest.mark.parametrize('data', [b'a SELECT INBOX\r\na NOOP\r\n',
-                                  b'a NOOP\r\na ENABLE CONDSTORE\r\n'])
-def test_reused_tag_is_answered_and_not_reused(server, proxy, account, proxy_log, data):
+@pytest.mark.parametrize('data, results', [
+    (b'a SELECT INBOX\r\na NOOP\r\n', ['new', 'reused']),
+    # The ENABLE sets CONDSTORE: the next, plain, session does not get that connection.
+    (b'a NOOP\r\na ENABLE CONDSTORE\r\n', ['new', 'new'])])
+def test_reused_tag_is_answered_as_dovecot_does(server, proxy, account, proxy_log, data,
+                                                results):
     user, password = account
     steps = [(data + b'b NOOP\r\n', [b'b'])]
     direct, proxied = both(server, proxy, user, password, steps)
     assert len([line for line in direct if line.startswith(b'a ')]) == 2
     # Every reply reaches the client, and the session goes on to its LOGOUT.
     assert_same(proxied, direct, 'session 1')
-    wait_settled(proxy, user)
-    first = [line for line in proxy_log.lines if 'user=%s ' % user in line
-             and line.startswith('login:')][0]
-    backend = re.search(r'backend=(\S+)', first).group(1)
     assert_next_session_fresh(server, proxy, user, password, proxy_log)
-    # Not handed to the next session, and the log says why.
-    assert login_results(proxy_log.lines, user) == ['new', 'new']
-    why = [line for line in proxy_log.lines if re.search(r'\b%s\b' % backend, line)
-           and re.search('tag', line, re.I) and not line.startswith('login:')]
-    assert why, 'no log line says why %s was not reused' % backend
+    assert login_results(proxy_log.lines, user) == results
 
 
 # -- 3. implicit CONDSTORE --------------------------------------------------------------

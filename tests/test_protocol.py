@@ -143,7 +143,9 @@ def test_literal_announcements():
     assert literal_of(b'a LOGIN ~{5}\r\n') == (5, True, True)
     assert literal_of(b'a LOGIN "{5}"\r\n') is None
     assert literal_of(b'a LOGIN {5}x\r\n') is None
-    assert literal_of(b'a LOGIN {}\r\n') is None
+    # No digits at all is a size of 0, as Dovecot reads it (digits, "+", then "}").
+    assert literal_of(b'a LOGIN {}\r\n') == (0, True, False)
+    assert literal_of(b'a LOGIN {+}\r\n') == (0, False, False)
     assert literal_of(b'a X {4294967295}\r\n') == (4294967295, True, False)
     # Any number of digits, leading zeros included, as Dovecot reads them.
     assert literal_of(b'a X {00000000008+}\r\n') == (8, False, False)
@@ -220,6 +222,21 @@ def parse_split(data: bytes, step: int = 1):
 def test_parse_command(data, tag, name, args):
     for parsed in (parse_command(data), parse_split(data)):
         assert (parsed.tag, parsed.name, parsed.args) == (tag, name, args)
+
+
+@pytest.mark.parametrize('step', SPLITS)
+@pytest.mark.parametrize('data, args', [
+    (b'a LOGIN {}\r\n {+}\r\n\r\n', [b'', b'']),
+    (b'a LOGIN {+}\r\n {0}\r\n\r\n', [b'', b'']),
+    (b'a ID ({}\r\n {+}\r\n)\r\n', [[b'', b'']]),
+])
+def test_literal_without_digits_is_empty(data, args, step):
+    """Dovecot reads a literal's size as digits, an optional "+", then "}": no digits at
+    all is a size of 0, and the framer and the parser before login read it so too."""
+    assert parse_command(data).args == args
+    assert parse_split(data, step).args == args
+    starts = [event.first for event in frame(data, step) if isinstance(event, Line)]
+    assert starts == [True] + [False] * (len(starts) - 1)      # one command
 
 
 @pytest.mark.parametrize('data, tag', [

@@ -159,9 +159,9 @@ def test_server_that_stops_reading_is_cut_off(proxy_log):
 
 def test_commands_pipelined_behind_a_profile_switch_go_to_the_new_connection(
         dovecot, proxy_log):
-    """A CONDSTORE FETCH moves the session to a cached CONDSTORE connection; the EXAMINE
-    written in the same packet behind it must go there too, not to the connection just
-    given back to the cache (found by the differential fuzz)."""
+    """A SELECT with CONDSTORE moves the session to a cached CONDSTORE connection; the
+    EXAMINE written in the same packet behind it must go there too, not to the
+    connection just given back to the cache (found by the differential fuzz)."""
     proxy = start_proxy(dovecot)
     user, password = dovecot.users[5]
     try:
@@ -172,9 +172,10 @@ def test_commands_pipelined_behind_a_profile_switch_go_to_the_new_connection(
         wait_cached(proxy)
         with Client(proxy.server_port, timeout=5) as client:
             client.login(user, password)
-            client.send(b't0 FETCH 1:* (FLAGS) (CHANGEDSINCE 1)\r\nt1 EXAMINE INBOX\r\n')
+            client.send(b't0 SELECT INBOX (CONDSTORE)\r\nt1 EXAMINE INBOX\r\n')
             lines, status = client.read_until_tagged(b't1')
-            assert lines[0].startswith(b't0 BAD') and status.startswith(b't1 OK')
+            assert [line for line in lines if line.startswith(b't0 ')][0].startswith(b't0 OK')
+            assert status.startswith(b't1 OK')
             client.logout()
         wait_cached(proxy, 2)
         log = '\n'.join(proxy_log.lines)
