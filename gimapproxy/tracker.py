@@ -146,6 +146,7 @@ class Tracker:
         self.logging_out = False     # the server said BYE, then OK to a command
         self.event_kind = ''         # the last event: 'first' line, 'more' lines, 'literal'
         self._tail = b''             # the last client bytes, for the prefix search
+        self._keep = 1 - len(prefix)
 
     @property
     def quiet(self) -> bool:
@@ -163,10 +164,10 @@ class Tracker:
         """Append bytes received from the client. A client that sends the owned tags'
         prefix learned it from the server (data it made the server store, say): its
         bytes may answer for the proxy's commands, so the connection is not reused."""
-        prefix = self.prefix
-        if prefix in data or prefix in self._tail + data[:len(prefix) - 1]:
+        seen = self._tail + data
+        if self.prefix in seen:
             self.doubt("client sent the proxy's tag")
-        self._tail = (self._tail + data if len(data) < len(prefix) else data)[1 - len(prefix):]
+        self._tail = seen[self._keep:]
         self.framer.feed(data)
 
     def next_event(self) -> Union[bytes, Held, None]:
@@ -449,11 +450,14 @@ class Tracker:
     def on_untagged(self, line: bytes) -> bytes:
         word = line[2:10].upper()
         if word[:1].isdigit():
+            # (An ENABLE that may set the profile is sent with nothing selected: such
+            # data beside it is doubted here.)
             if self.selected is False and not self.selecting:
                 self.doubt('mailbox data with no mailbox selected')
             elif b'CONDSTORE' not in self.profile and b'MODSEQ (' in line:
                 self.condstore = True
-        elif word[:4] == b'BYE ':
+            return line
+        if word[:4] == b'BYE ':
             self.server_bye = True
         elif word[:4] == b'BAD ':
             self.doubt('untagged BAD')
