@@ -171,11 +171,15 @@ def module_fixtures(prefix: str, users):
     return server, proxy
 
 
-def probe(port: int, user: str, password: str, prelude: tuple = ()) -> list[bytes]:
+def probe(port: int, user: str, password: str, prelude: tuple = (),
+          opening: tuple = ()) -> list[bytes]:
     """Run the fixed probe as a new session of `user`; return its transcript.
 
     `prelude` (command texts) runs first, unrecorded: tests of the probe itself use it
-    to leave a session in the state a proxy must not hand on.
+    to leave a session in the state a proxy must not hand on. `opening` (command texts,
+    sent as o1, o2, ...) runs next and is recorded with its replies: a session that its
+    first command moves to another connection (a profile switch) shows it there, in the
+    words its ENABLE is answered with, and in the probe's SELECT and STORE replies.
 
     A fresh login answers: FETCH BAD (nothing selected); SELECT without HIGHESTMODSEQ
     (no CONDSTORE); STORE with its untagged FETCH (no NOTIFY NONE) and no MODSEQ; an
@@ -187,6 +191,8 @@ def probe(port: int, user: str, password: str, prelude: tuple = ()) -> list[byte
         for i, text in enumerate(prelude):
             s.command(b'q%d' % i, text)
         del s.lines[:]
+        for i, text in enumerate(opening, 1):
+            s.command(b'o%d' % i, text)
         s.command(b'p1', b'FETCH 1:2 (FLAGS)')
         s.command(b'p2', b'SELECT INBOX')
         s.command(b'p3', b'STORE 1 +FLAGS (\\Flagged)')
