@@ -48,7 +48,7 @@ PLAIN = ENDPOINTS
 SCENARIO_ENDPOINTS = {'cycle1': PLAIN + ('before',),
                       'cycle16': PLAIN + ('before', 'upnd_tls', 'proxy_tls', 'proxy2'),
                       'noop': PLAIN + ('before',), 'bulk': PLAIN + ('before', 'upnd_tls', 'proxy_tls'),
-                      'condstore16': ('direct', 'proxy')}
+                      'condstore16': ('direct', 'proxy', 'before')}
 PROXIES = ('proxy', 'proxy_tls', 'proxy2')     # gimapproxy endpoints, for the error count
 USERS = 20                                   # user1..user20 / secret1..secret20
 BULK_USER = 'bulk1'                          # password secret1; messages 56 and 57 are big
@@ -198,7 +198,7 @@ def run_scenario(bench, scenario, endpoint, rnd):
     Proxy cycle runs also get 'dovecot_logins': the Dovecot logins they caused; runs of
     gimapproxy get 'runq_wait_s': how long its threads were runnable but had no CPU."""
     mode, options = timed(bench, scenario)
-    count_logins = endpoint == 'proxy' and mode == 'cycle'
+    count_logins = endpoint in ('proxy', 'before') and mode == 'cycle'
     before = bench.dovecot.settled_login_count() if count_logins else 0
     # gimapproxy's one thread: how long it was runnable but waited for a CPU.
     waits = endpoint.startswith('proxy') and [task_wait(pid) for pid in bench.all_pids[endpoint]]
@@ -378,9 +378,11 @@ def pick(values, columns):
     return {column: values[e] for e, column in columns if e in values}
 
 
-def logins_per_1k(runs, scenarios):
-    """Dovecot logins per 1,000 proxy cycles of `scenarios`, or None without any."""
-    cycles = [r for r in runs if 'dovecot_logins' in r and r['scenario'] in scenarios]
+def logins_per_1k(runs, scenarios, endpoint='proxy'):
+    """Dovecot logins per 1,000 cycles of `scenarios` through `endpoint` (gimapproxy, or
+    its --before revision), or None without any."""
+    cycles = [r for r in runs if 'dovecot_logins' in r and r['scenario'] in scenarios
+              and r['endpoint'] == endpoint]
     return ratio(1000.0 * sum(r['dovecot_logins'] for r in cycles),
                  sum(r['done_all'] for r in cycles))
 
@@ -478,6 +480,11 @@ def before_after(runs):
         v = medians(runs, scenario, value)
         if 'before' in v:
             out.append((name, v['before'], v.get('proxy')))
+    if out:
+        for name, scenarios in (('Dovecot logins per 1,000 cycles', ('cycle1', 'cycle16')),
+                                ('CONDSTORE: logins per 1,000 cycles', ('condstore16',))):
+            out.append((name, logins_per_1k(runs, scenarios, 'before'),
+                        logins_per_1k(runs, scenarios)))
     return out
 
 
@@ -505,7 +512,8 @@ def print_report(report):
         print('\nsince %s (same run)                     before        now   now/before'
               % report['settings']['before'])
         for name, before, now in report['before_after']:
-            print('%-40s %10s %10s %12s' % (name, fmt(before, '.1f'), fmt(now, '.1f'),
+            spec = '.2f' if max(before or 0, now or 0) < 10 else '.1f'
+            print('%-40s %10s %10s %12s' % (name, fmt(before, spec), fmt(now, spec),
                                             fmt(ratio(now, before), '.2f')))
     print('\n' + goals.format_goals(report['goals']))
     for note in report['notes']:
@@ -701,7 +709,8 @@ def run_all(args, imapload_path, relay_path, report):
         # are not reported.
         for endpoint in bench.ports:
             if endpoint not in ('direct', 'relay'):
-                for scenario in ('cycle16', 'condstore16')[:2 if endpoint == 'proxy' else 1]:
+                for scenario in ('cycle16', 'condstore16')[
+                        :2 if endpoint in ('proxy', 'before') else 1]:
                     imapload(bench, 'cycle', bench.ports[endpoint], SCENARIOS[scenario][1] + [
                         '--seconds', max(args.seconds, 1), '--warmup', 0, '--timeout', 10])
         report['runs'], report['bursts'] = [], []
