@@ -472,6 +472,11 @@ BEFORE_AFTER = (('cycles/s, 1 client', 'cycle1', lambda r: r['rate']),
                 ('10 MiB FETCH, MB/s', 'bulk', lambda r: r['mb_per_s']))
 
 
+# Reuse in the same rounds: Dovecot logins per 1,000 warm cycles.
+BEFORE_AFTER_LOGINS = (('Dovecot logins per 1,000 cycles', ('cycle1', 'cycle16')),
+                       ('CONDSTORE: logins per 1,000 cycles', ('condstore16',)))
+
+
 def before_after(runs):
     """[(figure, before, now)]: gimapproxy as of --before against this tree, medians of
     the same rounds; empty without --before."""
@@ -481,8 +486,7 @@ def before_after(runs):
         if 'before' in v:
             out.append((name, v['before'], v.get('proxy')))
     if out:
-        for name, scenarios in (('Dovecot logins per 1,000 cycles', ('cycle1', 'cycle16')),
-                                ('CONDSTORE: logins per 1,000 cycles', ('condstore16',))):
+        for name, scenarios in BEFORE_AFTER_LOGINS:
             out.append((name, logins_per_1k(runs, scenarios, 'before'),
                         logins_per_1k(runs, scenarios)))
     return out
