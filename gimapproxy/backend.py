@@ -7,7 +7,6 @@ has a deadline.
 """
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import secrets
@@ -24,7 +23,7 @@ from .protocol import (Framer, Line, LiteralData, ProtocolError, Response,
 from .sockio import readable, recv_when_ready, send_all
 
 __all__ = ['BackendConnection', 'BackendError', 'BackendUnavailable', 'BackendDesync',
-           'LoginRefused', 'State']
+           'LoginRefused']
 
 log = logging.getLogger('gimapproxy.backend')
 
@@ -73,22 +72,12 @@ def set_keepalive(sock, idle: int, interval: int, count: int) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-class State(enum.Enum):
-    """Where a backend connection is in its life; gimapproxy.lease moves it along."""
-    CONNECTING = 'connecting'         # TCP, TLS and the greeting
-    LOGGING_IN = 'logging_in'
-    ACTIVE = 'active'                 # a client session uses it
-    RESETTING = 'resetting'           # its session ended; the reset runs
-    CACHED = 'cached'                 # clean, waiting for the same user's next login
-    CLOSED = 'closed'
-
-
 class BackendConnection:
     """One TCP connection to the IMAP server.
 
     Attributes:
-        id: 'b<n>', unique in the process, used in every log line.
-        state: a State; every close logs the state it ended in and why.
+        id: 'b<n>', unique in the process, used in every log line. Where the connection
+            is in its life is its cache entry's state (gimapproxy.cache.State).
         capabilities: the server's capability list as sent, post-login once logged in.
         login_text: the text of the server's tagged OK to the login, replayed on reuse.
         profile: the sticky state the connection has, as the set of extension names
@@ -97,21 +86,19 @@ class BackendConnection:
             command and the server's answer, given to a later session that sends it.
         framer: the server-side Framer; the relay and the proxy's own commands share it, so
             a response half-read by one is finished by the other.
-        on_close: called with the connection and the reason once it is closed.
     """
 
-    def __init__(self, address: tuple, conn_id: str, on_close=None) -> None:
+    def __init__(self, address: tuple, conn_id: str) -> None:
         self.id = conn_id
         self.sock = None
         self.address = address
         self.framer = Framer(MAX_SERVER_LINE)
-        self.state = State.CONNECTING
+        self.closed = False
         self.capabilities = []
         self.login_text = b'Logged in'
         self.profile: frozenset = frozenset()
         self.replay = None
         self.tls = None               # the BackendTLS it was wrapped with, if any
-        self.on_close = on_close
         self.created = time.monotonic()
         # Proxy-owned tags carry a random prefix that no client can guess, so a late
         # reply to a client command can never be taken for the proxy's own.
@@ -274,30 +261,30 @@ class BackendConnection:
         if response.status != b'OK':
             raise BackendError('NOOP answered %s' % printable(response.status))
 
-    def logout(self, reason: str) -> None:
-        """Send LOGOUT, wait briefly for its reply, then close with `reason`. Never raises."""
+    def send_logout(self) -> None:
+        """Send LOGOUT and wait briefly for its reply; the caller closes. Never raises
+        (but for GreenletExit)."""
+        if self.closed or self.sock is None:
+            return
         try:
             with gevent.Timeout(LOGOUT_TIMEOUT, BackendUnavailable('logout timeout')):
                 self.command(b'LOGOUT')
         except (BackendError, OSError):
             pass
-        self.close(reason)
 
-    def close(self, reason: str) -> None:
-        """Close the socket and log `reason` with the state it ended in. Safe to call
-        twice: only the first close counts."""
-        if self.state is State.CLOSED:
+    def close(self, reason: str, state: str = 'connecting') -> None:
+        """Close the socket and log `reason` with `state`, the one it ended in. Safe to
+        call twice: only the first close counts."""
+        if self.closed:
             return
-        state, self.state = self.state, State.CLOSED
+        self.closed = True
         if self.sock is not None:
             try:
                 self.sock.close()
             except OSError:
                 pass
-        log.info('backend closed: id=%s state=%s reason=%s age=%.1fs', self.id, state.value,
+        log.info('backend closed: id=%s state=%s reason=%s age=%.1fs', self.id, state,
                  reason, time.monotonic() - self.created)
-        if self.on_close is not None:
-            self.on_close(self, reason)
 
     def has_input(self) -> bool:
         """True when the server sent something that nobody has read yet."""

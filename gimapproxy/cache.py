@@ -1,10 +1,21 @@
 """The connection cache: the only module that touches the dict and its semaphores.
 
-Every backend connection the proxy holds, active or cached, is an Entry in one plain dict,
-keyed by the identity it is logged in as: (authzid, user), exact octets. An Entry's
-semaphore is held by whoever uses it: a client session, or the sweep while it logs the
-connection out. So two logins can never get the same connection, and a connection being
-expired is never handed out.
+Every backend connection the proxy holds is an Entry in one plain dict, keyed by the
+identity it logs in as: (authzid, user), as the server compares names. An Entry is in
+one State at a time, and `ConnectionCache.move` is the only code that changes it. Each
+state is a list (an ordered dict of entries), as in PgBouncer: `move` takes the entry
+off one and puts it on the other, and on the way keeps in step everything that depends
+on the state: the slot counts (every state but closing and closed holds a slot, of the
+proxy and of the user), the watcher on a cached socket, the wake-ups of logins that wait
+for a reset under way or a free slot, and, on closing, the LOGOUT and the close with its
+reason and log line. Nothing else counts, lists or closes.
+
+    connecting -> logging_in -> active -> resetting -> cached -> checking -> active ...
+    cached -> closing (its LOGOUT) -> closed;  any state -> closed
+
+An Entry's semaphore is held by whoever uses it: a client session's lease, from reserve
+or checkout until it is cached or closed. So two logins can never get the same
+connection, and a connection being expired is never handed out.
 
 A cached entry is handed out only to a login of the same identity whose password verifier
 matches: HMAC-SHA256 under a random key made when the cache is created, compared
@@ -14,6 +25,7 @@ extensions; it is handed out only to a session that asks for exactly that state.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import logging
@@ -26,11 +38,27 @@ import gevent
 from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 
-__all__ = ['ConnectionCache', 'Entry', 'CacheFull', 'EMPTY_PROFILE']
+__all__ = ['ConnectionCache', 'Entry', 'CacheFull', 'State', 'EMPTY_PROFILE']
 
 log = logging.getLogger('gimapproxy.cache')
 
 EMPTY_PROFILE: frozenset = frozenset()
+
+
+class State(enum.Enum):
+    """Where a backend connection is in its life; see the module docstring."""
+    CONNECTING = 'connecting'         # a slot is taken: TCP, TLS and the greeting
+    LOGGING_IN = 'logging_in'
+    ACTIVE = 'active'                 # a client session uses it
+    CHECKING = 'checking'             # taken from the cache, checked before a session
+    RESETTING = 'resetting'           # its session ended; the reset runs
+    CACHED = 'cached'                 # clean, waiting for the same user's next login
+    CLOSING = 'closing'               # out of the cache; its LOGOUT is under way
+    CLOSED = 'closed'
+
+
+# The states whose entries hold a slot (all but closing and closed).
+_SLOTTED = frozenset(State) - {State.CLOSING, State.CLOSED}
 
 
 class CacheFull(Exception):
@@ -38,30 +66,40 @@ class CacheFull(Exception):
 
 
 class Entry:
-    """One backend connection in the cache.
+    """One backend connection and its place in the cache.
 
-    `logout_time` is None while a session uses the connection, else the monotonic time its
-    last session ended. `auth_time` is when the server last checked the password.
-    `retired` is set when the user's password changed: the entry is not cached again.
+    `state` is a State (changed by `ConnectionCache.move` only) and `since` the
+    monotonic time it got there. `conn` is None until the connection is made.
+    `verifier` and `auth_time` are set by the login (`ConnectionCache.add`): the
+    password's HMAC and when the server last checked it. `retired` is set when the
+    user's password changed: the entry is not cached again. `idle` is how long it was
+    cached before its last checkout.
     """
-    __slots__ = ('key', 'verifier', 'conn', 'lock', 'logout_time', 'auth_time', 'watcher',
-                 'retired', 'returning', 'idle')
+    __slots__ = ('key', 'verifier', 'conn', 'state', 'since', 'lock', 'auth_time',
+                 'watcher', 'retired', 'settled', 'idle', 'closed_from')
 
-    def __init__(self, key: Hashable, verifier: bytes, conn, auth_time: float) -> None:
+    def __init__(self, key: Hashable, now: float) -> None:
         self.key = key
-        self.verifier = verifier
-        self.conn = conn
+        self.verifier = b''
+        self.conn = None
+        self.state = State.CONNECTING
+        self.since = now
         self.lock = BoundedSemaphore(1)
-        self.logout_time: Optional[float] = None
-        self.auth_time = auth_time
+        self.auth_time = now
         self.watcher = None
         self.retired = False
-        self.returning: Optional[Event] = None    # set when a reset under way ends
-        self.idle = 0.0                  # seconds it was cached before its last checkout
+        self.settled: Optional[Event] = None      # set when its reset ends, either way
+        self.idle = 0.0
+        self.closed_from = State.CONNECTING      # the state its closing started in
 
     @property
     def cached(self) -> bool:
-        return self.logout_time is not None
+        return self.state is State.CACHED
+
+    @property
+    def logout_time(self) -> Optional[float]:
+        """When its last session ended, while cached; else None."""
+        return self.since if self.state is State.CACHED else None
 
     @property
     def profile(self) -> frozenset:
@@ -75,143 +113,214 @@ class Entry:
         return conn.profile == profile and (enabled_by is None or (
             conn.replay is not None and conn.replay.command == enabled_by))
 
+    def __repr__(self) -> str:
+        return '<Entry %s %s>' % (getattr(self.conn, 'id', '-'), self.state.value)
+
 
 class ConnectionCache:
     """Backend connections by identity, with global and per-user limits and expiry.
 
     Args:
-        size: most connections in all, active plus cached plus logins in progress.
+        size: most connections in all that hold a slot (every state but closing).
         expiration: seconds a cached connection may wait for reuse.
         per_user: most connections of one identity.
         max_auth_age: seconds after its login that a connection may still be handed out.
         clock: the monotonic clock, injectable for tests.
+        spawn: how a LOGOUT on its way out runs (gevent.spawn).
 
-    `on_dead(entry)` is called when a cached connection's socket becomes readable (a BYE
-    or EOF from the server): the entry has already been removed; the callee closes it.
+    Hooks, for the owner's numbers: `on_closed(entry, reason)` after an entry is closed,
+    `on_dead(entry)` when a cached connection's socket became readable (a BYE or EOF
+    from the server) and it is about to be closed for that.
     """
 
     def __init__(self, size: int, expiration: float, per_user: int = 10,
                  max_auth_age: float = 900.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 spawn: Callable = gevent.spawn) -> None:
         self.size = size
         self.expiration = expiration
         self.per_user = per_user
         self.max_auth_age = max_auth_age
         self.clock = clock
+        self.spawn = spawn
         self._hmac_key = os.urandom(32)
+        # The entries that hold a slot, by identity.
         self._entries: dict[Hashable, list[Entry]] = {}
-        # Logins in progress per identity, counted against the per-user limit.
-        self._pending: dict[Hashable, int] = {}
-        # Cached entries in the order their sessions ended: the front is the least
-        # recently used one, which both expiry and eviction take first.
-        self._idle: dict[Entry, None] = {}
+        # Each state's entries in the order they got there: the front of CACHED is the
+        # least recently used connection, which expiry and eviction take first.
+        self._states: dict[State, dict[Entry, None]] = {
+            state: {} for state in State if state is not State.CLOSED}
         self._slots = 0
+        self.created = 0                 # entries made, for the numbers
         # Set (and replaced) whenever a slot may have become free while a busy login
         # waits for one: a connection cached (it can be evicted), closed, or a login
         # given up. Without a waiter nothing is done on those paths.
         self._freed = Event()
         self._busy_waiters = 0
-        self.on_dead: Callable[[Entry], None] = lambda entry: entry.conn.close('dead')
+        self.on_closed: Callable[[Entry, str], None] = lambda entry, reason: None
+        self.on_dead: Callable[[Entry], None] = lambda entry: None
 
     # -- counting ----------------------------------------------------------------------
 
     @property
     def total(self) -> int:
-        """Slots in use: active, cached and reserved."""
+        """Slots in use: every entry that is not closing or closed."""
         return self._slots
 
     @property
     def cached_count(self) -> int:
-        return len(self._idle)
+        return len(self._states[State.CACHED])
+
+    def count(self, state: State) -> int:
+        """How many entries are in `state` (closed ones are not kept)."""
+        return len(self._states[state])
+
+    def counts(self) -> dict:
+        """{state name: entries in it} for every state but closed."""
+        return {state.value: len(entries) for state, entries in self._states.items()}
 
     def user_count(self, key: Hashable) -> int:
-        """Connections of one identity: active, cached and logins in progress."""
-        return len(self._entries.get(key, ())) + self._pending.get(key, 0)
+        """Connections of one identity that hold a slot."""
+        return len(self._entries.get(key, ()))
+
+    def entries(self) -> list:
+        """Every entry that is not closed, in no particular order."""
+        return [entry for entries in self._states.values() for entry in entries]
 
     def verifier(self, secret: bytes) -> bytes:
         """HMAC-SHA256 of the length-prefixed secret under this cache's random key."""
         return hmac.new(self._hmac_key, struct.pack('>I', len(secret)) + secret,
                         hashlib.sha256).digest()
 
+    # -- the one transition ------------------------------------------------------------
+
+    def move(self, entry: Entry, state: State, reason: str = '') -> None:
+        """Move `entry` to `state`, keeping every list and count in step (see the module
+        docstring). Closing starts the connection's LOGOUT in its own greenlet, which
+        closes it when done; closed closes it at once. `reason` says why, for a close.
+        Moving a closed entry, or to the state it is in, does nothing."""
+        old = entry.state
+        if old is state or old is State.CLOSED:
+            return
+        now = self.clock()
+        del self._states[old][entry]
+        if old is State.CACHED:
+            self._unwatch(entry)
+            entry.idle = now - entry.since
+        elif old is State.RESETTING:
+            settled, entry.settled = entry.settled, None
+            settled.set()
+        entry.state, entry.since = state, now
+        if state is State.CLOSING or state is State.CLOSED:
+            if old in _SLOTTED:
+                self._leave(entry)
+                entry.closed_from = old
+            if state is State.CLOSING:
+                # The LOGOUT's greenlet is kept beside the entry, for close_all to wait
+                # for (unless it already ran: a test's spawn may run it at once).
+                closing = self._states[state]
+                closing[entry] = None
+                task = self.spawn(self._log_out, entry, reason)
+                if entry in closing:
+                    closing[entry] = task
+            else:
+                self._close(entry, reason)
+            return
+        self._states[state][entry] = None
+        if state is State.CACHED:
+            self._watch(entry)
+            entry.lock.release()
+            self._free()
+        elif state is State.RESETTING:
+            entry.settled = Event()
+
+    def _leave(self, entry: Entry) -> None:
+        """Give up the entry's slot and stop watching it for good."""
+        self._unwatch(entry, done=True)
+        siblings = self._entries[entry.key]
+        siblings.remove(entry)
+        if not siblings:
+            del self._entries[entry.key]
+        self._slots -= 1
+        self._free()
+
+    def _log_out(self, entry: Entry, reason: str) -> None:
+        try:
+            if entry.conn is not None:
+                entry.conn.send_logout()
+        finally:
+            self.move(entry, State.CLOSED, reason)
+
+    def _close(self, entry: Entry, reason: str) -> None:
+        if entry.conn is not None:
+            entry.conn.close(reason, entry.closed_from.value)
+        self.on_closed(entry, reason)
+
     # -- the login path ----------------------------------------------------------------
 
     def checkout(self, key: Hashable, verifier: bytes, profile: frozenset = EMPTY_PROFILE,
                  enabled_by: Optional[bytes] = None) -> Optional[Entry]:
         """Take a cached connection of `key` with a matching verifier and exactly
-        `profile`, whose password check is younger than max_auth_age; or return None.
-        With `enabled_by`, only one whose profile was set by those command bytes (its
-        connection's `replay`).
+        `profile`, whose password check is younger than max_auth_age, into checking; or
+        return None. With `enabled_by`, only one whose profile was set by those command
+        bytes (its connection's `replay`).
 
-        The entry's semaphore is held by the caller until `release` or `discard`.
+        The entry's semaphore is held by the caller until it is cached or closed.
         """
         oldest_auth = self.clock() - self.max_auth_age
         for entry in self._entries.get(key, ()):
-            if (not entry.cached or not entry.serves(profile, enabled_by)
+            if (entry.state is not State.CACHED or not entry.serves(profile, enabled_by)
                     or entry.auth_time <= oldest_auth
                     or not hmac.compare_digest(entry.verifier, verifier)):
                 continue
             if not entry.lock.acquire(blocking=False):
                 continue
-            self._unwatch(entry)
-            del self._idle[entry]
-            entry.idle = self.clock() - entry.logout_time
-            entry.logout_time = None
+            self.move(entry, State.CHECKING)
             return entry
         return None
 
-    def returning(self, entry: Entry) -> None:
-        """Note that an active entry is being reset to be cached, so that
-        `wait_returning` can wait for it; `release` or `discard` ends that."""
-        entry.returning = Event()
-
     def wait_returning(self, key: Hashable, verifier: bytes, profile: frozenset,
                        timeout: float, enabled_by: Optional[bytes] = None) -> bool:
-        """Wait, at most `timeout` seconds, for an entry of `key` that is being reset to be
-        cached and that `checkout` could then hand out (same verifier and profile).
-        Returns False at once when there is none, else True once it is back or gone."""
+        """Wait, at most `timeout` seconds, for an entry of `key` that is resetting and
+        that `checkout` could then hand out (same verifier and profile). Returns False
+        at once when there is none, else True once its reset ended, either way."""
         for entry in self._entries.get(key, ()):
-            if (entry.returning is not None and entry.serves(profile, enabled_by)
+            if (entry.state is State.RESETTING and entry.serves(profile, enabled_by)
                     and hmac.compare_digest(entry.verifier, verifier)):
-                entry.returning.wait(timeout)
+                entry.settled.wait(timeout)
                 return True
         return False
 
-    def _returned(self, entry: Entry) -> None:
-        if entry.returning is not None:
-            entry.returning.set()
-            entry.returning = None
+    def reserve(self, key: Hashable) -> Entry:
+        """Take a slot for a new backend connection of `key`: a new Entry, connecting,
+        whose semaphore the caller holds (set its `conn`, then `add` it once logged in,
+        or move it to closed).
 
-    def reserve(self, key: Hashable) -> list[Entry]:
-        """Take a slot for a new backend connection of `key`.
-
-        Returns the cached entries evicted to make room, least recently used first: the
-        user's own when the user is at `per_user`, anybody's when the cache is at `size`.
-        The caller closes their connections, and calls `add` or `unreserve` later.
+        Makes room by closing cached entries, least recently used first: the user's own
+        when the user is at `per_user`, anybody's when the cache is at `size`.
 
         Raises:
-            CacheFull: every slot, of the user or in all, is active or in a login.
+            CacheFull: every slot, of the user or in all, is in use (not cached).
         """
-        # Every entry in _idle is unlocked (whoever locks one removes it at once), so each
-        # can be evicted; what cannot be freed is the active ones and logins in progress.
-        own = [entry for entry in self._idle if entry.key == key]
+        # Every cached entry is unlocked, so each can be evicted; what cannot be freed
+        # is the ones in use.
+        cached = self._states[State.CACHED]
+        own = [entry for entry in cached if entry.key == key]
         if self.user_count(key) - len(own) >= self.per_user:
             raise CacheFull('user limit: %d connections in use' % self.per_user)
-        if self._slots - len(self._idle) >= self.size:
+        if self._slots - len(cached) >= self.size:
             raise CacheFull('cache full: %d connections in use' % self.size)
-        victims = []
         while self.user_count(key) >= self.per_user:
-            victims.append(self._evict(own.pop(0)))
+            self._evict(own.pop(0), 'evicted: user limit')
         while self._slots >= self.size:
-            victims.append(self._evict(next(iter(self._idle))))
+            self._evict(next(iter(cached)), 'evicted: cache full')
+        entry = Entry(key, self.clock())
+        entry.lock.acquire()
+        self._entries.setdefault(key, []).append(entry)
+        self._states[State.CONNECTING][entry] = None
         self._slots += 1
-        self._pending[key] = self._pending.get(key, 0) + 1
-        return victims
-
-    def unreserve(self, key: Hashable) -> None:
-        """Give back a slot taken by `reserve` whose connection never came to be."""
-        self._slots -= 1
-        self._unpend(key)
-        self._free()
+        self.created += 1
+        return entry
 
     def wait_freed(self, timeout: float) -> None:
         """Wait, at most `timeout` seconds, until a slot may have become free (then try
@@ -227,122 +336,109 @@ class ConnectionCache:
             freed, self._freed = self._freed, Event()
             freed.set()
 
-    def add(self, key: Hashable, verifier: bytes, conn) -> tuple[Entry, list[Entry]]:
-        """Register a freshly logged-in connection in a reserved slot; it is active.
-
-        Entries of the same identity logged in with another password are retired:
-        active ones will not be cached again; cached ones are removed and returned, with
-        the new entry, for the caller to close.
-        """
-        self._unpend(key)
-        entry = Entry(key, verifier, conn, self.clock())
-        entry.lock.acquire()
-        siblings = self._entries.setdefault(key, [])
-        retired = []
-        for other in list(siblings):
-            if hmac.compare_digest(other.verifier, verifier):
+    def add(self, entry: Entry, verifier: bytes) -> None:
+        """A reserved entry's connection logged in with the password of `verifier`: it
+        is active. Entries of the same identity logged in with another password are
+        retired: active ones will not be cached again; cached ones are closed."""
+        entry.verifier, entry.auth_time = verifier, self.clock()
+        for other in list(self._entries[entry.key]):
+            if other is entry or hmac.compare_digest(other.verifier, verifier):
                 continue
             other.retired = True
-            if other.cached and other.lock.acquire(blocking=False):
-                self.discard(other)
-                retired.append(other)
-        siblings.append(entry)
-        return entry, retired
+            if other.state is State.CACHED and other.lock.acquire(blocking=False):
+                self.move(other, State.CLOSING, 'password changed')
+        self.move(entry, State.ACTIVE)
 
     def release(self, entry: Entry) -> bool:
-        """Cache an active entry whose connection is clean (its session ended).
+        """Cache an entry whose connection is clean (its session ended, its reset done).
 
-        Returns False, after removing the entry, when it may not be reused (its password
-        changed, or its password check is older than max_auth_age); the caller then
-        closes the connection.
+        Returns False when it may not be reused (its password changed, or its password
+        check is older than max_auth_age): it is closing then.
         """
-        if entry.retired or self.clock() - entry.auth_time >= self.max_auth_age:
-            self.discard(entry)
+        if entry.retired:
+            self.move(entry, State.CLOSING, 'password changed')
             return False
-        entry.logout_time = self.clock()
-        self._idle[entry] = None
-        self._watch(entry)
-        entry.lock.release()
-        self._returned(entry)
-        self._free()
+        if self.clock() - entry.auth_time >= self.max_auth_age:
+            self.move(entry, State.CLOSING, 'max_auth_age reached')
+            return False
+        self.move(entry, State.CACHED)
         return True
-
-    def discard(self, entry: Entry) -> None:
-        """Forget an entry (active or cached); the caller closes its connection."""
-        self._returned(entry)
-        self._unwatch(entry, done=True)
-        self._idle.pop(entry, None)
-        siblings = self._entries.get(entry.key)
-        if siblings is not None and entry in siblings:
-            siblings.remove(entry)
-            if not siblings:
-                del self._entries[entry.key]
-            self._slots -= 1
-            self._free()
 
     # -- administration ------------------------------------------------------------------
 
-    def flush(self, user: Optional[bytes] = None) -> list[Entry]:
-        """Remove and return the cached entries of `user` (any authzid), or all of them;
-        the user's active entries are retired so that they are not cached again.
-        The caller logs the returned connections out."""
-        flushed = []
+    def flush(self, user: Optional[bytes] = None, reason: str = 'admin flush') -> int:
+        """Close the cached entries of `user` (any authzid), or all of them, with a
+        LOGOUT; the user's entries in use are retired so that they are not cached
+        again. Returns how many were closed."""
+        flushed = 0
         for key, entries in list(self._entries.items()):
             if user is not None and key[1] != user:
                 continue
             for entry in list(entries):
-                if entry.cached:
-                    flushed.append(self._evict(entry))
+                if entry.state is State.CACHED:
+                    self._evict(entry, reason)
+                    flushed += 1
                 else:
                     entry.retired = True
         return flushed
 
     def listing(self) -> list[dict]:
-        """Connections per identity, for the admin view: user, authzid, active and cached
-        counts, and the seconds each cached one has waited. No secrets."""
+        """Connections per identity, for the admin view: user, authzid, the counts of
+        those in use (every state but cached) and cached, and the seconds each cached one
+        has waited. No secrets."""
         now = self.clock()
         rows = []
         for key, entries in sorted(self._entries.items()):
             rows.append({
                 'user': key[1].decode('utf-8', 'replace'),
                 'authzid': key[0].decode('utf-8', 'replace'),
-                'active': sum(1 for entry in entries if not entry.cached),
-                'cached_idle_seconds': [round(now - entry.logout_time, 1)
+                'active': sum(1 for entry in entries if entry.state is not State.CACHED),
+                'cached_idle_seconds': [round(now - entry.since, 1)
                                         for entry in entries if entry.cached]})
         return rows
 
     # -- maintenance ---------------------------------------------------------------------
 
-    def expire_idle(self, now: Optional[float] = None) -> list[Entry]:
-        """Remove and return every cached entry idle for at least `expiration` seconds,
-        or whose password check is older than `max_auth_age`.
+    def expire_idle(self, now: Optional[float] = None) -> int:
+        """Close, with a LOGOUT, every cached entry idle for at least `expiration`
+        seconds, or whose password check is older than `max_auth_age`; return how many.
 
-        A pure step over the cache with an injectable clock; the caller logs the returned
-        connections out.
+        A pure step over the cache with an injectable clock: the LOGOUTs run in their
+        own greenlets, so that a stuck server cannot hold up the sweep.
         """
         now = self.clock() if now is None else now
-        expired = [entry for entry in self._idle
-                   if now - entry.logout_time >= self.expiration
-                   or now - entry.auth_time >= self.max_auth_age]
-        for entry in expired:
-            self._evict(entry)
-        return expired
+        expired = []
+        for entry in self._states[State.CACHED]:
+            if now - entry.since >= self.expiration:
+                expired.append((entry, 'expired: idle for %ds' % (now - entry.since)))
+            elif now - entry.auth_time >= self.max_auth_age:
+                expired.append((entry, 'expired: password checked %ds ago'
+                                % (now - entry.auth_time)))
+        for entry, reason in expired:
+            self._evict(entry, reason)
+        return len(expired)
 
-    def drain(self) -> list[Entry]:
-        """Remove and return every cached entry (shutdown, flush)."""
-        return [self._evict(entry) for entry in list(self._idle)]
+    def close_all(self, reason: str, timeout: float) -> int:
+        """Close every entry (shutdown): the cached ones with a LOGOUT, the others (their
+        sessions were ended) at once; wait up to `timeout` seconds for the LOGOUTs, then
+        close what is left. Returns how many cached ones were logged out."""
+        cached = list(self._states[State.CACHED])
+        for entry in cached:
+            self._evict(entry, reason)
+        for state in _SLOTTED:
+            for entry in list(self._states[state]):
+                self.move(entry, State.CLOSED, reason)
+        closing = self._states[State.CLOSING]
+        gevent.joinall([task for task in closing.values() if task is not None],
+                       timeout=timeout)
+        for entry in list(closing):
+            self.move(entry, State.CLOSED, reason)
+        return len(cached)
 
-    def _evict(self, entry: Entry) -> Entry:
+    def _evict(self, entry: Entry, reason: str) -> None:
+        """Close a cached entry with a LOGOUT."""
         entry.lock.acquire(blocking=False)
-        self.discard(entry)
-        return entry
-
-    def _unpend(self, key: Hashable) -> None:
-        left = self._pending.get(key, 0) - 1
-        if left > 0:
-            self._pending[key] = left
-        else:
-            self._pending.pop(key, None)
+        self.move(entry, State.CLOSING, reason)
 
     # -- watching cached sockets -----------------------------------------------------------
 
@@ -353,7 +449,7 @@ class ConnectionCache:
         if entry.watcher is None:
             try:
                 entry.watcher = gevent.get_hub().loop.io(entry.conn.sock.fileno(), 1)
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 return
         entry.watcher.start(self._readable, entry)
 
@@ -366,6 +462,6 @@ class ConnectionCache:
                 entry.watcher = None
 
     def _readable(self, entry: Entry) -> None:
-        if entry.cached and entry.lock.acquire(blocking=False):
-            self.discard(entry)
+        if entry.state is State.CACHED and entry.lock.acquire(blocking=False):
             self.on_dead(entry)
+            self.move(entry, State.CLOSED, 'server closed cached connection')

@@ -3,34 +3,36 @@
 A session asks `Lease.acquire` for a logged-in server connection: a cached one of the
 same identity, password and profile, one whose reset is under way (waited for, bounded),
 or a new login on the user's server. The lease then owns it until `keep` (reset and
-cache) or `drop` (close with a reason). It never writes to the client: it returns, or
-raises `LoginFailed` with a kind, and the session words the reply.
+cache) or `drop` (close with a reason); whatever it holds when it ends otherwise (an
+exception, a GreenletExit at any step) is dropped by `end`, which its owner calls on
+every path (it is also a context manager). It never writes to the client: it returns,
+or raises `LoginFailed` with a Failure, and the session words the reply.
 
-The lease is the only code that moves a connection through its states (backend.State):
-
-    connecting -> logging_in -> active -> resetting -> cached -> active -> ... -> closed
-
-and every close, wherever it happens, goes through BackendConnection.close, which logs
-the state it ended in and the reason, and tells the server's registry.
+Sessions reach the rest of the proxy through a BackendPool, and nothing else: the cache,
+the server choice, the TLS context for servers, the connection factory, the settings and
+the numbers. Every state change of a connection is the cache's `move`
+(gimapproxy.cache); the lease says which, and why.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import gevent
 
 from .backend import (BackendConnection, BackendDesync, BackendError, BackendUnavailable,
-                      LoginRefused, State)
-from .cache import CacheFull, Entry
+                      LoginRefused)
+from .cache import CacheFull, ConnectionCache, Entry, State
 from .logfmt import printable
 from .login import identify, login as login_as
 from .protocol import LiteralData, ProtocolError, Response, parse_response
 from .tracker import CONDSTORE, Tracker
 
-__all__ = ['Lease', 'LoginFailed', 'ServerChoice']
+__all__ = ['Lease', 'LoginFailed', 'Failure', 'ServerChoice', 'BackendPool']
 
 log = logging.getLogger('gimapproxy.lease')
 
@@ -40,12 +42,20 @@ FINISH_BUDGET = 32 * 1024 * 1024
 FINISH_TIMEOUT = 10.0
 
 
-class LoginFailed(Exception):
-    """No connection for this login. `kind` is 'refused' (the server said no; `response`
-    is its tagged reply, `backend` the connection's id), 'unavailable' (no server
-    answered) or 'busy' (every slot is in use). `reason` is for the log."""
+class Failure(enum.Enum):
+    """Why a login got no connection: the server said no, no server answered, or every
+    slot is in use."""
+    REFUSED = 'refused'
+    UNAVAILABLE = 'unavailable'
+    BUSY = 'busy'
 
-    def __init__(self, kind: str, reason: str, response: Optional[Response] = None,
+
+class LoginFailed(Exception):
+    """No connection for this login. `kind` is a Failure: REFUSED (`response` is the
+    server's tagged reply, `backend` the connection's id), UNAVAILABLE or BUSY.
+    `reason` is for the log."""
+
+    def __init__(self, kind: Failure, reason: str, response: Optional[Response] = None,
                  backend: str = '-') -> None:
         super().__init__(reason)
         self.kind = kind
@@ -80,30 +90,62 @@ class ServerChoice:
             log.info('server back: server=%s:%d', *server)
 
 
+@dataclass
+class BackendPool:
+    """What a session may use of the proxy, and nothing else. The server keeps one and
+    replaces `config` and `backend_tls` on a reload; a session reads them when it
+    starts."""
+    config: object                   # the ProxyConfig
+    cache: ConnectionCache
+    choice: ServerChoice
+    metrics: object                  # the Stats
+    new_backend: Callable[[tuple], BackendConnection]
+    backend_tls: Optional[object] = None     # BackendTLS, when server_tls is on
+    client_tls: Optional[object] = None      # the SSLContext for clients, if any
+
+
 class Lease:
     """A session's hold on one logged-in backend connection.
 
     Attributes:
-        entry: the cache Entry (its semaphore is held while the lease holds it).
-        conn: the BackendConnection.
+        entry: the cache Entry (its semaphore is held while the lease holds it); None
+            once it was kept or dropped.
+        conn: the entry's BackendConnection.
         result: 'reused' or 'new'.
     """
 
-    def __init__(self, server, session_id: str, entry: Entry, result: str) -> None:
-        self.server = server
+    def __init__(self, pool: BackendPool, session_id: str, entry: Entry,
+                 result: str) -> None:
+        self.pool = pool
         self.id = session_id
-        self.entry = entry
+        self.entry: Optional[Entry] = entry
+        self.spare: Optional[Entry] = None      # checked out for a switch, not yet used
         self.result = result
 
     @property
     def conn(self) -> BackendConnection:
         return self.entry.conn
 
+    def __enter__(self) -> 'Lease':
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        self.end('session ended: %s' % (kind.__name__ if kind else 'no verdict'))
+
+    def end(self, reason: str) -> None:
+        """Drop, with `reason`, whatever connection the lease still holds: one neither
+        kept nor dropped (the session failed or was killed on the way)."""
+        for entry in (self.spare, self.entry):
+            if entry is not None:
+                self.pool.cache.move(entry, State.CLOSED, reason)
+        self.entry = self.spare = None
+
     # -- getting one ----------------------------------------------------------------------
 
     @classmethod
-    def acquire(cls, server, session_id: str, key, verifier: bytes, credentials: tuple,
-                id_fields: Optional[Callable[[], list]] = None) -> 'Lease':
+    def acquire(cls, pool: BackendPool, session_id: str, key, verifier: bytes,
+                credentials: tuple, id_fields: Optional[Callable[[], list]] = None
+                ) -> 'Lease':
         """A logged-in connection for `key` (authzid, user[, origin]) with an empty
         profile: a cached one whose password verifier matches, or a new login with
         `credentials` (authzid, user, password), sending the ID fields that `id_fields`
@@ -119,39 +161,40 @@ class Lease:
         """
         deadline = None
         while True:
-            entry = checkout(server, key, verifier, frozenset())
+            entry = checkout(pool, key, verifier, frozenset())
             if entry is not None:
-                return cls(server, session_id, entry, 'reused')
+                return cls(pool, session_id, entry, 'reused')
             try:
-                return cls(server, session_id, login(server, session_id, key, verifier,
-                                                     credentials, id_fields), 'new')
+                return cls(pool, session_id, login(pool, session_id, key, verifier,
+                                                   credentials, id_fields), 'new')
             except LoginFailed as failed:
-                if failed.kind != 'busy':
+                if failed.kind is not Failure.BUSY:
                     raise
                 now = time.monotonic()
-                deadline = deadline or now + server.config.busy_timeout
+                deadline = deadline or now + pool.config.busy_timeout
                 if now >= deadline:
-                    failed.reason += ' (waited %gs)' % server.config.busy_timeout
+                    failed.reason += ' (waited %gs)' % pool.config.busy_timeout
                     raise
-                server.cache.wait_freed(deadline - now)
+                pool.cache.wait_freed(deadline - now)
 
     def checkout(self, profile: frozenset,
                  enabled_by: Optional[bytes] = None) -> Optional[Entry]:
         """A cached connection of this lease's identity and password with `profile`
-        (set by the command bytes `enabled_by`, when given)."""
-        return checkout(self.server, self.entry.key, self.entry.verifier, profile,
-                        enabled_by)
+        (set by the command bytes `enabled_by`, when given), held as the lease's spare
+        until `switch`."""
+        self.spare = checkout(self.pool, self.entry.key, self.entry.verifier, profile,
+                              enabled_by)
+        return self.spare
 
-    def switch(self, entry: Entry, unclean: Optional[str]) -> None:
-        """Hold `entry` (from `checkout`) instead. Nothing was sent on the current
+    def switch(self, unclean: Optional[str]) -> None:
+        """Hold the spare (from `checkout`) instead. Nothing was sent on the current
         connection, which goes back to the cache unless `unclean` says why not."""
-        old, self.entry = self.entry, entry
+        old, self.entry, self.spare = self.entry, self.spare, None
         if unclean is not None:
-            self.server.metrics.not_reusable(unclean)
-            self.server.cache.discard(old)
-            old.conn.close('not reusable after switch: %s' % unclean)
+            self.pool.metrics.not_reusable(unclean)
+            self.pool.cache.move(old, State.CLOSED, 'not reusable after switch: %s' % unclean)
         else:
-            release(self.server, old, self.id)
+            release(self.pool, old, self.id)
 
     # -- letting go -----------------------------------------------------------------------
 
@@ -181,12 +224,11 @@ class Lease:
         if implicit:
             # Turned on without ENABLE (or so it seemed): the reset makes sure of it.
             conn.profile, conn.replay = conn.profile | CONDSTORE, None
-        conn.state = State.RESETTING
-        timeout = self.server.config.reset_timeout
+        self.pool.cache.move(entry, State.RESETTING)
+        timeout = self.pool.config.reset_timeout
         try:
             sent = conn.start_reset(timeout, implicit)
             if farewell is not None:
-                self.server.cache.returning(entry)
                 farewell()
                 farewell = None
             conn.finish_reset(sent, timeout)
@@ -197,18 +239,19 @@ class Lease:
         if conn.framer.buffered:
             self.drop('unsolicited data after reset')
             return
-        release(self.server, entry, self.id)
+        self.entry = None
+        release(self.pool, entry, self.id)
 
     def drop_unclean(self, why: str, unclean: str) -> None:
         """Close the connection instead of caching it: after `why` (how the session
         ended), it is not clean for the reason `unclean`, which is also counted."""
-        self.server.metrics.not_reusable(unclean)
+        self.pool.metrics.not_reusable(unclean)
         self.drop('not reusable after %s: %s' % (why, unclean))
 
     def drop(self, reason: str) -> None:
-        """Forget and close the connection, logging `reason`."""
-        self.server.cache.discard(self.entry)
-        self.conn.close(reason)
+        """Close the connection, logging `reason`."""
+        entry, self.entry = self.entry, None
+        self.pool.cache.move(entry, State.CLOSED, reason)
 
 
 def finish(conn: BackendConnection, tags: set) -> None:
@@ -248,124 +291,122 @@ def _call(farewell: Optional[Callable[[], None]]) -> None:
         farewell()
 
 
-def checkout(server, key, verifier: bytes, profile: frozenset,
+def checkout(pool: BackendPool, key, verifier: bytes, profile: frozenset,
              enabled_by: Optional[bytes] = None) -> Optional[Entry]:
     """A cached connection of `key` with a matching verifier and exactly `profile` (set
     by `enabled_by`, when given), made active; or None. Waits (reset_timeout at most)
-    for one whose reset is under way."""
-    cache, waited = server.cache, False
+    for one whose reset is under way. One cached for server_check_delay or longer is
+    checked first; one that fails the check is closed, and another tried."""
+    cache, config, waited = pool.cache, pool.config, False
     while True:
         entry = cache.checkout(key, verifier, profile, enabled_by)
         if entry is None and not waited:
-            waited = cache.wait_returning(key, verifier, profile, server.config.reset_timeout,
+            waited = cache.wait_returning(key, verifier, profile, config.reset_timeout,
                                           enabled_by)
             if waited:
                 continue
         if entry is None:
             return None
-        conn = entry.conn
-        if conn.has_input():
-            # Not one stale byte may reach the new client: the server spoke while the
-            # connection sat in the cache (a BYE, most likely) and the watcher has not run.
-            cache.discard(entry)
-            conn.close('server spoke while cached')
+        try:
+            fault = check(entry, config)
+        except BaseException:
+            cache.move(entry, State.CLOSED, 'check interrupted')
+            raise
+        if fault is not None:
+            cache.move(entry, State.CLOSED, fault)
             continue
-        if entry.idle >= server.config.server_check_delay:
-            # A firewall or NAT between here and the server may have forgotten it
-            # without a word: better a NOOP now than a client that hangs.
-            try:
-                conn.check(server.config.server_check_timeout)
-            except BackendError as exc:
-                cache.discard(entry)
-                conn.close('server check failed: %s' % exc.reason)
-                continue
-        conn.state = State.ACTIVE
+        cache.move(entry, State.ACTIVE)
         return entry
 
 
-def login(server, session_id: str, key, verifier: bytes, credentials: tuple,
+def check(entry: Entry, config) -> Optional[str]:
+    """Why a connection just taken from the cache may not serve a session, or None."""
+    conn = entry.conn
+    if conn.has_input():
+        # Not one stale byte may reach the new client: the server spoke while the
+        # connection sat in the cache (a BYE, most likely) and the watcher has not run.
+        return 'server spoke while cached'
+    if entry.idle >= config.server_check_delay:
+        # A firewall or NAT between here and the server may have forgotten it without a
+        # word: better a NOOP now than a client that hangs.
+        try:
+            conn.check(config.server_check_timeout)
+        except BackendError as exc:
+            return 'server check failed: %s' % exc.reason
+    return None
+
+
+def login(pool: BackendPool, session_id: str, key, verifier: bytes, credentials: tuple,
           id_fields: Optional[Callable[[], list]]) -> Entry:
-    """Connect and log in a new backend connection in a reserved cache slot.
+    """Connect and log in a new backend connection in a new cache slot.
 
     Raises:
         LoginFailed: busy (no slot), unavailable (no server), refused (credentials).
     """
-    cache, config = server.cache, server.config
+    cache, config = pool.cache, pool.config
     try:
-        victims = cache.reserve(key)
+        entry = cache.reserve(key)
     except CacheFull as exc:
-        raise LoginFailed('busy', str(exc)) from None
-    for victim in victims:
-        gevent.spawn(victim.conn.logout, 'evicted: %s' % (
-            'user limit' if victim.key == key else 'cache full'))
+        raise LoginFailed(Failure.BUSY, str(exc)) from None
     authzid, user, password = credentials
-    conn = None
     try:
-        conn = connect(server, session_id, key[1])    # the name as the server compares it
-        conn.state = State.LOGGING_IN
+        entry.conn = connect(pool, session_id, key[1])  # the name as the server compares it
+        cache.move(entry, State.LOGGING_IN)
         if id_fields is not None:
-            identify(conn, id_fields(), config.login_timeout)
-        login_as(conn, authzid, user, password, config.login_timeout)
+            identify(entry.conn, id_fields(), config.login_timeout)
+        login_as(entry.conn, authzid, user, password, config.login_timeout)
     except LoginRefused as refused:
-        cache.unreserve(key)
-        conn.close('login refused')
-        raise LoginFailed('refused', 'server refused the login', refused.response,
-                          conn.id) from None
+        cache.move(entry, State.CLOSED, 'login refused')
+        raise LoginFailed(Failure.REFUSED, 'server refused the login', refused.response,
+                          entry.conn.id) from None
     except BackendError as exc:
-        cache.unreserve(key)
-        if conn is not None:
-            conn.close(exc.reason)
-        raise LoginFailed('unavailable', exc.reason) from None
+        cache.move(entry, State.CLOSED, exc.reason)
+        raise LoginFailed(Failure.UNAVAILABLE, exc.reason) from None
     except BaseException:
-        cache.unreserve(key)
-        if conn is not None:
-            conn.close('login interrupted')
+        cache.move(entry, State.CLOSED, 'login interrupted')
         raise
-    conn.state = State.ACTIVE
-    entry, retired = cache.add(key, verifier, conn)
-    for old in retired:
-        # The server accepted another password, so the old one may be wrong now.
-        gevent.spawn(old.conn.logout, 'password changed')
+    # The server accepted this password: the user's connections of another one are
+    # retired (the old password may be wrong now).
+    cache.add(entry, verifier)
     return entry
 
 
-def connect(server, session_id: str, user: bytes) -> BackendConnection:
-    """Connect to the first server that answers, in the user's order.
+def connect(pool: BackendPool, session_id: str, user: bytes) -> BackendConnection:
+    """Connect to the first server that answers, in the user's order. A server that
+    does not answer has its connection closed here, with the reason.
 
     Raises:
         BackendError: none answered; the last server's reason.
     """
     failure = None
-    for address in server.choice.order(user):
-        conn = server.new_backend(address)
-        config = server.config
-        keepalive = ((config.tcp_keepidle, config.tcp_keepintvl, config.tcp_keepcnt)
-                     if config.send_tcp_keepalives else None)
+    config = pool.config
+    keepalive = ((config.tcp_keepidle, config.tcp_keepintvl, config.tcp_keepcnt)
+                 if config.send_tcp_keepalives else None)
+    for address in pool.choice.order(user):
+        conn = pool.new_backend(address)
         try:
-            conn.connect(config.connect_timeout, server.backend_tls, keepalive)
+            conn.connect(config.connect_timeout, pool.backend_tls, keepalive)
         except BackendError as exc:
             conn.close(exc.reason)
             log.warning('server failed: id=%s server=%s:%d reason=%s', session_id,
                         address[0], address[1], exc.reason)
-            server.choice.failed(address)
+            pool.choice.failed(address)
             failure = exc
             continue
         except BaseException:
             conn.close('connect interrupted')
             raise
-        server.choice.ok(address)
+        pool.choice.ok(address)
         return conn
     raise failure
 
 
-def release(server, entry: Entry, session_id: str) -> None:
-    """Put a clean connection back in the cache, or log it out when it may not be reused
-    any more (its password changed, or its password check is older than max_auth_age)."""
-    entry.conn.state = State.CACHED
-    if server.cache.release(entry):
+def release(pool: BackendPool, entry: Entry, session_id: str) -> None:
+    """Put a clean connection back in the cache; the cache logs it out instead when it
+    may not be reused any more (its password changed, or its password check is older
+    than max_auth_age)."""
+    if pool.cache.release(entry):
         log.debug('backend cached: id=%s backend=%s', session_id, entry.conn.id)
-    else:
-        entry.conn.logout('password changed' if entry.retired else 'max_auth_age reached')
 
 
 def describe(conn: BackendConnection) -> str:

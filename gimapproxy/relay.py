@@ -303,7 +303,7 @@ class Relay:
         unclean = self.tracker.unclean or (None if old.framer.at_boundary
                                            else 'response in progress')
         self.io.detach()
-        self.lease.switch(entry, unclean)
+        self.lease.switch(unclean)
         conn = self.lease.conn
         self.io.attach(conn.sock)
         log.info('profile: id=%s backend=%s result=reused replaced=%s profile=%s', self.id,

@@ -22,7 +22,7 @@ from .backend import BackendConnection, BackendError
 from .cache import ConnectionCache
 from .config import KEYS, RESTART_KEYS, ProxyConfig
 from .forward import is_trusted
-from .lease import ServerChoice
+from .lease import BackendPool, ServerChoice
 from .proxyproto import V2_MAX_LENGTH, HeaderError, ProxyHeader, parse_header
 from .session import ClientSession
 from .stats import Stats
@@ -142,21 +142,24 @@ class ProxyServer(Listener):
 
     def __init__(self, config: ProxyConfig, listener=None) -> None:
         self.config = config
-        self.cache = ConnectionCache(config.cache_size, config.cache_expiration_time,
-                                     config.max_connections_per_user, config.max_auth_age)
-        self.cache.on_dead = self._cached_connection_died
-        self.metrics = Stats(self)
+        self.cache = cache = ConnectionCache(
+            config.cache_size, config.cache_expiration_time, config.max_connections_per_user,
+            config.max_auth_age)
+        pool = Pool()
+        self.metrics = Stats(cache, lambda: len(pool))
         self.counters: collections.Counter = self.metrics.counters
+        cache.on_dead = self._cached_connection_died
+        cache.on_closed = lambda entry, reason: self.metrics.backend_closed(reason)
         self._ids = itertools.count(1)
         self._expiry: Optional[gevent.Greenlet] = None
         self.choice = ServerChoice(config.servers)
-        # Every backend connection not yet closed, for the counts by state.
-        self.backends: set[BackendConnection] = set()
-        self.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
-        self.client_tls = client_context(config)
+        # What sessions may use, and nothing else.
+        self.backend_pool = BackendPool(
+            config, cache, self.choice, self.metrics, self._new_backend,
+            BackendTLS(config) if config.server_tls != 'off' else None,
+            client_context(config))
         if listener is None:
             listener = (config.listen_address or '0.0.0.0', config.listen_port)
-        pool = Pool()
         self.reuse_port = config.reuse_port
         # gevent refuses a backlog with a socket that is already listening.
         backlog = None if hasattr(listener, 'accept') else LISTEN_BACKLOG
@@ -220,9 +223,10 @@ class ProxyServer(Listener):
         if self._expiry is not None:
             self._expiry.kill()
             self._expiry = None
-        entries = self.cache.drain()
-        gevent.joinall([gevent.spawn(entry.conn.logout, 'shutdown') for entry in entries])
-        log.info('stopped: cached connections logged out=%d', len(entries))
+        # Killed sessions dropped what their leases held; what is left (a LOGOUT under
+        # way, say) is closed too, the cached connections with a LOGOUT.
+        logged_out = self.cache.close_all('shutdown', timeout)
+        log.info('stopped: cached connections logged out=%d', logged_out)
 
     def handle(self, sock, address, implicit_tls: bool = False) -> None:
         """Run one client's session (called by StreamServer in a pool greenlet)."""
@@ -249,7 +253,8 @@ class ProxyServer(Listener):
             # From here on the client is where the balancer saw it: peer, origin, the
             # trusted_networks check for its ID fields, and the ID sent to the server.
             address = header.source
-        session = ClientSession(self, sock, address, implicit_tls)
+        session = ClientSession(self.backend_pool, self._next_id('c'), sock, address,
+                                implicit_tls)
         if header is not None:
             log.debug('proxy header: id=%s peer=%s:%s via=%s:%s version=%d command=%s '
                       'family=%s', session.id, address[0], address[1], real[0], real[1],
@@ -277,7 +282,7 @@ class ProxyServer(Listener):
     def _refuse_header(self, sock, address, reason: str) -> None:
         self.counters['clients_refused'] += 1
         log.warning('client refused: id=%s peer=%s:%s reason=proxy protocol: %s',
-                    self.next_id('c'), address[0], address[1], reason)
+                    self._next_id('c'), address[0], address[1], reason)
         sock.close()
 
     def _handle_tls(self, sock, address) -> None:
@@ -297,10 +302,11 @@ class ProxyServer(Listener):
         backend_keys = {'server_hostname', 'server_port', 'server_tls', 'tls_ca_file',
                         'tls_verify_server', 'tls_server_name', 'tls_cert_file',
                         'tls_key_file', 'tls_ciphers', 'tls_min_version'}
-        self.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
-        self.client_tls = client_context(config)
+        pool = self.backend_pool
+        pool.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
+        pool.client_tls = client_context(config)
         # Keys a restart needs keep their running values, so the config stays true.
-        self.config = config.__class__(**{**config.__dict__, **{
+        self.config = pool.config = config.__class__(**{**config.__dict__, **{
             name: getattr(self.config, name) for name in restart}})
         cache = self.cache
         cache.size = config.cache_size
@@ -316,10 +322,8 @@ class ProxyServer(Listener):
     def flush(self, user: Optional[bytes] = None, reason: str = 'admin flush') -> int:
         """Log out the cached connections of `user` (compared as username_case says),
         or all; active ones are not cached again. Returns how many were logged out."""
-        entries = self.cache.flush(None if user is None else self.config.fold_username(user))
-        for entry in entries:
-            gevent.spawn(entry.conn.logout, reason)
-        return len(entries)
+        return self.cache.flush(None if user is None else self.config.fold_username(user),
+                                reason)
 
     def stats(self) -> dict:
         """The proxy's numbers as a JSON-able dict (as served on /stats)."""
@@ -333,29 +337,23 @@ class ProxyServer(Listener):
             self.expire_once()
 
     def expire_once(self, now: Optional[float] = None) -> int:
-        """Log out every cached connection idle for `cache_expiration_time`; return how
-        many. The logouts run in their own greenlets so that a stuck server cannot hold
-        up the sweep."""
-        now = self.cache.clock() if now is None else now
-        entries = self.cache.expire_idle(now)
-        for entry in entries:
-            self.counters['expired'] += 1
-            if now - entry.logout_time >= self.config.cache_expiration_time:
-                reason = 'expired: idle for %ds' % (now - entry.logout_time)
-            else:
-                reason = 'expired: password checked %ds ago' % (now - entry.auth_time)
-            gevent.spawn(entry.conn.logout, reason)
-        return len(entries)
+        """Log out every cached connection idle for `cache_expiration_time` (or past
+        max_auth_age); return how many. The logouts run in their own greenlets so that a
+        stuck server cannot hold up the sweep."""
+        expired = self.cache.expire_idle(now)
+        self.counters['expired'] += expired
+        return expired
 
     def check_server(self) -> bool:
         """Connect to each server once and read its greeting (TLS included), to tell the
         operator at start whether they are there; logins work or fail on their own
-        anyway. Returns True when all answered."""
+        anyway. Returns True when all answered. These connections are not the cache's:
+        they are not counted."""
         config, healthy = self.config, True
         for address in config.servers:
-            conn = self.new_backend(address)
+            conn = self._new_backend(address)
             try:
-                conn.connect(config.connect_timeout, self.backend_tls)
+                conn.connect(config.connect_timeout, self.backend_pool.backend_tls)
             except BackendError as exc:
                 conn.close('startup check failed: %s' % exc.reason)
                 log.warning('server check failed: server=%s:%d reason=%s (logins get NO '
@@ -364,38 +362,25 @@ class ProxyServer(Listener):
                 self.choice.failed(address)
                 healthy = False
                 continue
-            conn.logout('startup check')
+            conn.send_logout()
+            conn.close('startup check')
             log.info('server check: server=%s:%d ok', *address)
         return healthy
 
     # -- backend connections --------------------------------------------------------------
 
-    def new_backend(self, address: tuple) -> BackendConnection:
-        """A new, not yet connected backend connection to `address`, counted and kept in
-        `backends` until it is closed."""
-        conn = BackendConnection(address, self.next_id('b'), self._backend_closed)
-        self.backends.add(conn)
-        self.counters['backend_created'] += 1
-        return conn
+    def _new_backend(self, address: tuple) -> BackendConnection:
+        """A new, not yet connected backend connection to `address`."""
+        return BackendConnection(address, self._next_id('b'))
 
-    def _backend_closed(self, conn: BackendConnection, reason: str) -> None:
-        self.backends.discard(conn)
-        self.metrics.backend_closed(reason)
+    def _cached_connection_died(self, entry) -> None:
+        self.counters['cached_died'] += 1
 
     def servers_for(self, user: bytes) -> list:
         """The servers to try for `user`'s new connection, best first (ServerChoice)."""
         return self.choice.order(user)
 
-    def _cached_connection_died(self, entry) -> None:
-        self.counters['cached_died'] += 1
-        entry.conn.close('server closed cached connection')
-
-    # -- small services for sessions ------------------------------------------------------
-
-    def next_id(self, prefix: str) -> str:
+    def _next_id(self, prefix: str) -> str:
         """A new connection id unique in this server: 'c<n>' for clients, 'b<n>' for
         backend connections."""
         return '%s%d' % (prefix, next(self._ids))
-
-    def count(self, name: str) -> None:
-        self.counters[name] += 1

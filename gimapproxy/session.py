@@ -19,7 +19,7 @@ import gevent
 from gevent import socket
 
 from .forward import id_fields, is_trusted, originating_ip
-from .lease import Lease, LoginFailed, describe
+from .lease import BackendPool, Failure, Lease, LoginFailed, describe
 from .logfmt import printable
 from .command import BadCommand, parse_command, tag_of
 from .protocol import Framer, Line, LiteralData, ProtocolError
@@ -57,12 +57,13 @@ class SessionEnd(Exception):
 class ClientSession:
     """The story of one client connection; `run()` is the greenlet's body."""
 
-    def __init__(self, server, sock: socket.socket, address, implicit_tls: bool = False
-                 ) -> None:
-        self.server = server
-        self.config = server.config
-        self.cache = server.cache
-        self.id = server.next_id('c')
+    def __init__(self, pool: BackendPool, session_id: str, sock: socket.socket, address,
+                 implicit_tls: bool = False) -> None:
+        self.pool = pool
+        self.config = pool.config
+        self.cache = pool.cache
+        self.counters = pool.metrics.counters
+        self.id = session_id
         # Sent to the server as x-session-ext-id and logged with every login.
         self.session_id = secrets.token_hex(6)
         self.sock = sock
@@ -105,7 +106,7 @@ class ClientSession:
             self.send_quietly(b'* BYE Internal error.\r\n')
         finally:
             if self.lease is not None:
-                self.lease.drop(reason)
+                self.lease.end(reason)       # what was neither kept nor dropped
             self.close_client()
             log.info('client closed: id=%s reason=%s', self.id, reason)
 
@@ -130,7 +131,7 @@ class ClientSession:
         Raises:
             SessionEnd: the handshake failed or took too long.
         """
-        context = self.server.client_tls
+        context = self.pool.client_tls
         try:
             with gevent.Timeout(max(0.1, deadline - time.monotonic()),
                                 OSError('handshake timeout')):
@@ -350,19 +351,19 @@ class ClientSession:
                                     self.session_id, self.trusted)) \
             if self.config.forward_client_ip else None
         try:
-            self.lease = Lease.acquire(self.server, self.id, self.key,
+            self.lease = Lease.acquire(self.pool, self.id, self.key,
                                        self.cache.verifier(password),
                                        (authzid, user, password), fields)
         except LoginFailed as failed:
-            self.server.count('login_failed')
-            self.server.metrics.observe_login('failed', time.monotonic() - started)
-            self.server.metrics.login_failed(failed.kind, failed.reason)
+            self.counters['login_failed'] += 1
+            self.pool.metrics.observe_login('failed', time.monotonic() - started)
+            self.pool.metrics.login_failed(failed.kind.value, failed.reason)
             self.refuse_login(tag, user, failed)
             return False
         self.user = user
         conn, result = self.lease.conn, self.lease.result
-        self.server.count('login_' + result)
-        self.server.metrics.observe_login(result, time.monotonic() - started)
+        self.counters['login_' + result] += 1
+        self.pool.metrics.observe_login(result, time.monotonic() - started)
         reuse = b''
         if result == 'reused' and self.config.send_reuse_code:
             # The connection has exactly the state its last session left: none.
@@ -380,7 +381,7 @@ class ClientSession:
     def refuse_login(self, tag: bytes, user: bytes, failed: LoginFailed) -> None:
         """Word a failed login for the client and the log (with the client's address,
         for fail2ban)."""
-        if failed.kind == 'refused':
+        if failed.kind is Failure.REFUSED:
             response = failed.response
             code = b'[' + response.code + b'] ' if response.code else b''
             log.info('login failed: id=%s user=%s backend=%s status=%s code=%s peer=%s',
@@ -391,7 +392,7 @@ class ClientSession:
             return
         log.warning('login failed: id=%s user=%s reason=%s peer=%s', self.id,
                     printable(user), failed.reason, self.peer)
-        if failed.kind == 'busy':
+        if failed.kind is Failure.BUSY:
             self.send(tag + b' NO [UNAVAILABLE] Too many connections, try again later.\r\n')
         else:
             self.send(tag + b' NO [UNAVAILABLE] Server unavailable, try again later.\r\n')
@@ -408,9 +409,10 @@ class ClientSession:
         traced = any(fold(name.encode('utf-8')) == self.key[1]
                      for name in self.config.trace_users)
         end = Relay(self.id, self.sock, self.lease, tracker, self.config,
-                    self.server.counters, self.user,
-                    trace=traced).run()
-        lease, self.lease = self.lease, None
+                    self.counters, self.user, trace=traced).run()
+        # The lease stays the session's until it is kept or dropped: run() ends it on
+        # any other way out (an error, or a GreenletExit in the reset).
+        lease = self.lease
         if end.side == 'logout':
             log.info('logout: id=%s user=%s backend=%s profile=%s', self.id,
                      printable(self.user), lease.conn.id, describe(lease.conn))

@@ -11,7 +11,7 @@ import bisect
 import collections
 import time
 
-from .backend import State
+from .cache import State
 
 __all__ = ['Stats', 'reason_class']
 
@@ -25,14 +25,16 @@ def reason_class(reason: str) -> str:
 
 
 class Stats:
-    """The numbers of one ProxyServer.
+    """The numbers of one ProxyServer: of its `cache` (a ConnectionCache, whose entries
+    are the backend connections) and its sessions (`clients()` says how many are open).
 
-    `counters` keys: clients, login_new, login_reused, login_failed, expired,
-    cached_died, backend_created, bytes_in (client to server), bytes_out.
+    `counters` keys: clients, clients_refused, login_new, login_reused, login_failed,
+    expired, cached_died, bytes_in (client to server), bytes_out.
     """
 
-    def __init__(self, server) -> None:
-        self.server = server
+    def __init__(self, cache, clients) -> None:
+        self.cache = cache
+        self.clients = clients
         self.started = time.time()
         self.counters: collections.Counter = collections.Counter()
         self.closed: collections.Counter = collections.Counter()    # by reason class
@@ -67,7 +69,7 @@ class Stats:
     def states(self) -> dict:
         """Backend connections not closed, by state: created equals these plus every
         close counted by reason, at any moment."""
-        return collections.Counter(conn.state.value for conn in self.server.backends)
+        return self.cache.counts()
 
     def snapshot(self) -> dict:
         """The numbers as a JSON-able dict (no user names, no secrets)."""
@@ -75,14 +77,13 @@ class Stats:
         logins = counters['login_new'] + counters['login_reused']
         return {
             'uptime_seconds': round(time.time() - self.started, 1),
-            'clients': {'current': len(self.server.pool), 'total': counters['clients']},
+            'clients': {'current': self.clients(), 'total': counters['clients']},
             'logins': {'new': counters['login_new'], 'reused': counters['login_reused'],
                        'failed': counters['login_failed'],
                        'failed_by_reason': dict(self.refusals)},
             'cache_hit_ratio': round(counters['login_reused'] / logins, 4) if logins else 0.0,
             'backend_connections': dict(
-                {state.value: 0 for state in State if state is not State.CLOSED},
-                **self.states(), created=counters['backend_created'],
+                self.states(), created=self.cache.created,
                 expired=counters['expired'], closed_by_reason=dict(self.closed),
                 not_reusable_by_reason=dict(self.unclean)),
             'bytes_relayed': {'client_to_server': counters['bytes_in'],
@@ -124,7 +125,7 @@ class Stats:
                 backends.add_metric([state.value], snap['backend_connections'][state.value])
         yield backends
         yield CounterMetricFamily('gimapproxy_backend_connections_created',
-                                  'Server connections opened.', counters['backend_created'])
+                                  'Server connections opened.', self.cache.created)
         closed = CounterMetricFamily('gimapproxy_backend_connections_closed',
                                      'Server connections closed, by reason.',
                                      labels=['reason'])

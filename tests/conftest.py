@@ -83,12 +83,20 @@ def start_proxy(backend: Backend, **settings) -> ProxyServer:
     return server
 
 
+def wait_until(predicate, what: str, timeout: float = 5.0) -> None:
+    """Wait until `predicate()` is true, checking every 10 ms: the one way tests wait
+    for an event (a connection cached, a log line, a process gone) instead of sleeping
+    for a fixed time. Raises AssertionError naming `what` after `timeout` seconds."""
+    with gevent.Timeout(timeout, AssertionError('waited %gs for %s' % (timeout, what))):
+        while not predicate():
+            gevent.sleep(0.01)
+
+
 def wait_cached(proxy: ProxyServer, count: int = 1, timeout: float = 5.0) -> None:
     """Wait until `count` connections are cached. A LOGOUT is answered as soon as the
     reset that caches the connection is sent, so the reset may still be under way."""
-    with gevent.Timeout(timeout, AssertionError('%d connection(s) not cached' % count)):
-        while proxy.cache.cached_count < count:
-            gevent.sleep(0.01)
+    wait_until(lambda: proxy.cache.cached_count >= count,
+               '%d connection(s) to be cached' % count, timeout)
 
 
 @pytest.fixture
@@ -118,6 +126,12 @@ class SecretWatch(logging.Handler):
 
     def emit(self, record):
         self.lines.append(self.format(record))
+
+    def wait_for(self, text: str, timeout: float = 5.0) -> str:
+        """Wait until a log line holds `text`; return the first that does."""
+        wait_until(lambda: any(text in line for line in self.lines),
+                   'a log line with %r' % text, timeout)
+        return next(line for line in self.lines if text in line)
 
 
 @pytest.fixture(autouse=True)

@@ -43,7 +43,7 @@ def test_two_proxies_share_the_port_and_both_serve_logins(dovecot):
             assert login_logout(port, user, password).startswith(b'a OK'), i
         served = [p.counters['clients'] for p in proxies]
         assert sum(served) == 40 and min(served) > 0, served
-        assert all(p.counters['backend_created'] > 0 for p in proxies)
+        assert all(p.cache.created > 0 for p in proxies)
     finally:
         for proxy in proxies:
             proxy.stop(2)
