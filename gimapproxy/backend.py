@@ -337,13 +337,48 @@ class BackendConnection:
             raise BackendDesync('expected a plain line')
         return event.data
 
-    def _skip_literals(self, event: Line, budget: list) -> None:
-        """Read past the rest of a response whose first line is `event`, within `budget`."""
-        while isinstance(event, LiteralData) or event.literal is not None:
+    def responses(self, budget: int):
+        """Yield the server's responses from here on, each as (Response, its first line)
+        once the whole of it is read (its literals and later lines are dropped); the
+        caller stops when it has what it waits for. A response already half read is
+        finished first. The one reader of responses for the proxy's own commands.
+
+        Raises:
+            BackendDesync: bad framing or a malformed response.
+            BackendError: more than `budget` bytes.
+            BackendUnavailable: EOF or a socket error.
+        """
+        left = [budget]
+        self._finish_response(left)
+        while True:
             event = self.read_event()
-            budget[0] -= len(event.data)
-            if budget[0] < 0:
-                raise BackendError('too much unsolicited data')
+            self._spend(left, event, budget)
+            first = event.data
+            try:
+                response = parse_response(first)
+            except ProtocolError as exc:
+                raise BackendDesync('malformed response: %s' % exc) from None
+            while isinstance(event, LiteralData) or event.literal is not None:
+                event = self.read_event()
+                self._spend(left, event, budget)
+            yield response, first
+
+    def finish_response(self, budget: int) -> int:
+        """Read and drop the rest of a response half read, if any, within `budget`
+        bytes; return what is left of it."""
+        left = [budget]
+        self._finish_response(left)
+        return left[0]
+
+    def _finish_response(self, left: list) -> None:
+        while not self.framer.at_boundary:
+            self._spend(left, self.read_event(), left[0])
+
+    @staticmethod
+    def _spend(left: list, event, budget: int) -> None:
+        left[0] -= len(event.data)
+        if left[0] < 0:
+            raise BackendError('more than %d bytes of responses' % budget)
 
     def read_tagged(self, tag: bytes, continuation: Optional[bytes] = None
                     ) -> tuple[Response, list[bytes]]:
@@ -355,22 +390,13 @@ class BackendConnection:
         Raises:
             BackendDesync: a foreign tag, an unexpected continuation, or bad framing.
             BackendUnavailable: EOF, a socket error, or BYE.
+            BackendError: more than MAX_DISCARD bytes before the reply.
         """
         untagged: list[bytes] = []
-        budget = [MAX_DISCARD]
-        while True:
-            event = self.read_event()
-            if not isinstance(event, Line) or not event.first:
-                raise BackendDesync('response out of order')
-            budget[0] -= len(event.data)
-            try:
-                response = parse_response(event.data)
-            except ProtocolError as exc:
-                raise BackendDesync(str(exc)) from None
+        for response, line in self.responses(MAX_DISCARD):
             if response.kind == 'tagged':
                 if response.tag != tag:
                     raise BackendDesync('reply to a tag the proxy did not send')
-                self._skip_literals(event, budget)
                 return response, untagged
             if response.kind == 'continuation':
                 if continuation is None:
@@ -381,16 +407,16 @@ class BackendConnection:
             if response.status == b'BYE':
                 raise BackendUnavailable('server said BYE: %s' % printable(response.text))
             if len(untagged) < 100:
-                untagged.append(event.data)
-            self._skip_literals(event, budget)
+                untagged.append(line)
 
     def wait_continuation(self, tag: bytes) -> Optional[Response]:
-        """Wait for `+`; return None on it, or the tagged reply that refused the literal."""
-        while True:
-            try:
-                response = parse_response(self._read_line())
-            except ProtocolError as exc:
-                raise BackendDesync(str(exc)) from None
+        """Wait for `+`; return None on it, or the tagged reply that refused the literal.
+
+        Raises:
+            BackendDesync: a foreign tag or bad framing.
+            BackendUnavailable: EOF, a socket error, or BYE.
+        """
+        for response, _ in self.responses(MAX_DISCARD):
             if response.kind == 'continuation':
                 return None
             if response.kind == 'tagged':
@@ -398,7 +424,7 @@ class BackendConnection:
                     raise BackendDesync('reply to a tag the proxy did not send')
                 return response
             if response.status == b'BYE':
-                raise BackendUnavailable('server said BYE')
+                raise BackendUnavailable('server said BYE: %s' % printable(response.text))
 
     @property
     def capabilities(self) -> list[bytes]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import logging
 import os
 import struct
 import time
@@ -40,7 +39,6 @@ from gevent.lock import BoundedSemaphore
 
 __all__ = ['ConnectionCache', 'Entry', 'CacheFull', 'State', 'EMPTY_PROFILE']
 
-log = logging.getLogger('gimapproxy.cache')
 
 EMPTY_PROFILE: frozenset = frozenset()
 
@@ -59,6 +57,8 @@ class State(enum.Enum):
 
 # The states whose entries hold a slot (all but closing and closed).
 _SLOTTED = frozenset(State) - {State.CLOSING, State.CLOSED}
+# Before the login's password is known to be good.
+_LOGGING_IN = frozenset((State.CONNECTING, State.LOGGING_IN))
 
 
 class CacheFull(Exception):
@@ -72,11 +72,11 @@ class Entry:
     monotonic time it got there. `conn` is None until the connection is made.
     `verifier` and `auth_time` are set by the login (`ConnectionCache.add`): the
     password's HMAC and when the server last checked it. `retired` is set when the
-    user's password changed: the entry is not cached again. `idle` is how long it was
+    user's password changed: the entry is not cached again. `cached_for` is how long it was
     cached before its last checkout.
     """
     __slots__ = ('key', 'verifier', 'conn', 'state', 'since', 'lock', 'auth_time',
-                 'watcher', 'retired', 'settled', 'idle', 'closed_from')
+                 'watcher', 'retired', 'settled', 'cached_for', 'closed_from')
 
     def __init__(self, key: Hashable, now: float) -> None:
         self.key = key
@@ -89,7 +89,7 @@ class Entry:
         self.watcher = None
         self.retired = False
         self.settled: Optional[Event] = None      # set when its reset ends, either way
-        self.idle = 0.0
+        self.cached_for = 0.0
         self.closed_from = State.CONNECTING      # the state its closing started in
 
     @property
@@ -206,7 +206,7 @@ class ConnectionCache:
         del self._states[old][entry]
         if old is State.CACHED:
             self._unwatch(entry)
-            entry.idle = now - entry.since
+            entry.cached_for = now - entry.since
         elif old is State.RESETTING:
             settled, entry.settled = entry.settled, None
             settled.set()
@@ -342,8 +342,9 @@ class ConnectionCache:
         retired: active ones will not be cached again; cached ones are closed."""
         entry.verifier, entry.auth_time = verifier, self.clock()
         for other in list(self._entries[entry.key]):
-            if other is entry or hmac.compare_digest(other.verifier, verifier):
-                continue
+            if (other is entry or other.state in _LOGGING_IN
+                    or hmac.compare_digest(other.verifier, verifier)):
+                continue                 # (a login still under way has no password yet)
             other.retired = True
             if other.state is State.CACHED and other.lock.acquire(blocking=False):
                 self.move(other, State.CLOSING, 'password changed')

@@ -22,10 +22,11 @@ import gevent
 from gevent import ssl
 
 __all__ = ['Duplex', 'Side', 'CLIENT_IN', 'CLIENT_OUT', 'SERVER_IN', 'SERVER_OUT',
-           'WOKEN', 'RECV_SIZE']
+           'RECV_SIZE']
 
 # What woke the greenlet (bits of Duplex.ready).
-CLIENT_IN, CLIENT_OUT, SERVER_IN, SERVER_OUT, WOKEN = 1, 2, 4, 8, 16
+CLIENT_IN, CLIENT_OUT, SERVER_IN, SERVER_OUT = 1, 2, 4, 8
+_WOKEN = 16                       # only ends a wait: no one reads it
 
 RECV_SIZE = 65536
 
@@ -246,8 +247,8 @@ class Duplex:
             self.armed &= ~bit
 
     def wake(self) -> None:
-        """End a `wait` from the hub (a timer's callback); the greenlet sees WOKEN."""
-        self.ready |= WOKEN
+        """End a `wait` from the hub (a timer's callback); the greenlet sees _WOKEN."""
+        self.ready |= _WOKEN
         if self.waiting:
             self.waiting = False
             self.greenlet.switch()

@@ -29,7 +29,7 @@ from .backend import (BackendConnection, BackendDesync, BackendError, BackendUna
 from .cache import CacheFull, ConnectionCache, Entry, State
 from .logfmt import printable
 from .login import identify, login as login_as
-from .protocol import LiteralData, ProtocolError, Response, parse_response
+from .protocol import Response
 from .tracker import CONDSTORE, Tracker
 
 __all__ = ['Lease', 'LoginFailed', 'Failure', 'ServerChoice', 'BackendPool']
@@ -207,10 +207,10 @@ class Lease:
         does not wait for the reset, and the same user's next login waits for it in
         `checkout` rather than log in anew."""
         conn, entry = self.conn, self.entry
-        reason = tracker.settle()
+        reason = tracker.leftover()
         if reason is None and (tracker.inflight or not conn.framer.at_boundary):
             try:
-                if tracker.idle is not None:
+                if tracker.idling is not None:
                     conn.send(b'DONE\r\n')           # RFC 2177 section 3
                 finish(conn, set(tracker.inflight))
             except BackendError as exc:
@@ -263,23 +263,17 @@ def finish(conn: BackendConnection, tags: set) -> None:
             continuation request (the server wants input nobody will send), a BYE, an
             untagged BAD, a foreign tag, EOF.
     """
-    budget = FINISH_BUDGET
     with gevent.Timeout(FINISH_TIMEOUT, BackendUnavailable('finish timeout')):
-        while tags or not conn.framer.at_boundary:
-            event = conn.read_event()
-            budget -= len(event.data)
-            if budget < 0:
-                raise BackendError('more than %d bytes to finish' % FINISH_BUDGET)
-            if isinstance(event, LiteralData) or not event.first:
-                continue
-            try:
-                response = parse_response(event.data)
-            except ProtocolError:
-                raise BackendDesync('malformed response') from None
+        budget = conn.finish_response(FINISH_BUDGET)
+        if not tags:
+            return
+        for response, _ in conn.responses(budget):
             if response.kind == 'tagged':
                 if response.tag not in tags:
                     raise BackendDesync('reply to a tag not in flight')
                 tags.discard(response.tag)
+                if not tags:
+                    return
             elif response.kind == 'continuation':
                 raise BackendError('server waits for input')
             elif response.status in (b'BYE', b'BAD'):
@@ -326,7 +320,7 @@ def check(entry: Entry, config) -> Optional[str]:
         # Not one stale byte may reach the new client: the server spoke while the
         # connection sat in the cache (a BYE, most likely) and the watcher has not run.
         return 'server spoke while cached'
-    if entry.idle >= config.server_check_delay:
+    if entry.cached_for >= config.server_check_delay:
         # A firewall or NAT between here and the server may have forgotten it without a
         # word: better a NOOP now than a client that hangs.
         try:

@@ -21,6 +21,7 @@ lease's business.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from typing import Optional
@@ -29,9 +30,9 @@ from .duplex import CLIENT_IN, CLIENT_OUT, SERVER_IN, SERVER_OUT, Duplex
 from .lease import describe
 from .logfmt import ProtocolTrace
 from .protocol import LiteralData, ProtocolError
-from .tracker import Held, Tracker
+from .tracker import Held, Hold, Tracker
 
-__all__ = ['Relay', 'End']
+__all__ = ['Relay', 'End', 'EndedBy']
 
 log = logging.getLogger('gimapproxy.relay')
 
@@ -42,14 +43,21 @@ QUEUE_LIMIT = 256 * 1024      # bytes waiting for one side before its source is 
 _monotonic = time.monotonic
 
 
+class EndedBy(enum.Enum):
+    """Which side ended a relay: LOGOUT (the client's LOGOUT is to be answered by the
+    proxy), CLIENT (the client left or must go; its commands may still be finished) or
+    SERVER (the backend connection failed or closed)."""
+    LOGOUT = 'logout'
+    CLIENT = 'client'
+    SERVER = 'server'
+
+
 class End:
-    """How a relay ended. `side` is 'logout' (the client's LOGOUT is to be answered by
-    the proxy: `tag`), 'client' (the client left or must go; its commands may still be
-    finished) or 'server' (the backend connection failed or closed). `reason` is for
-    the log."""
+    """How a relay ended: `side` (an EndedBy), `reason` for the log, and for LOGOUT the
+    `tag` to answer it under."""
     __slots__ = ('side', 'reason', 'tag')
 
-    def __init__(self, side: str, reason: str, tag: Optional[bytes] = None) -> None:
+    def __init__(self, side: EndedBy, reason: str, tag: Optional[bytes] = None) -> None:
         self.side, self.reason, self.tag = side, reason, tag
 
 
@@ -74,13 +82,13 @@ class Relay:
         self.trace = ProtocolTrace(log, session_id, user) if trace else None
         self.io: Optional[Duplex] = None
         self.last_activity = self.server_heard = _monotonic()
-        self.idle = False             # idle_timeout passed: say BYE
+        self.timed_out = False             # idle_timeout passed: say BYE
         self.idle_timer = None
         self.local: list[bytes] = []  # the proxy's words, waiting for a response's end
         self.logout: Optional[Held] = None      # a LOGOUT waiting for earlier replies
         self.logout_deadline = 0.0
         self.ending: Optional[End] = None       # the End to return once the client
-        self.ending_deadline = 0.0              # has what it is owed (see `finish`)
+        self.ending_deadline = 0.0              # has what it is owed (see `end_with`)
 
     def run(self) -> End:
         """Relay until LOGOUT or either side leaves; return how it ended."""
@@ -117,23 +125,23 @@ class Relay:
                 try:
                     server.flush()
                 except OSError as exc:
-                    end = self.server_gone('send failed: %s' % (exc.strerror or exc))
+                    self.server_gone('send failed: %s' % (exc.strerror or exc))
             if end is None and client.queue and (client.stalled is None or ready & CLIENT_OUT):
                 try:
                     client.flush()
                 except OSError as exc:
                     end = self.client_gone(self.ending or End(
-                        'client', 'client gone: write failed: %s' % (exc.strerror or exc)))
-            if end is None and (self.logout or self.ending or self.idle or client.stalled
+                        EndedBy.CLIENT, 'client gone: write failed: %s' % (exc.strerror or exc)))
+            if end is None and (self.logout or self.ending or self.timed_out or client.stalled
                                 or server.stalled):
-                end = self.settle()
+                end = self.check_deadlines()
             if end is None and not io.ready and not (
                     client.queue and client.stalled is None
                     or server.queue and server.stalled is None):
                 self.wait()
         return end
 
-    def settle(self) -> Optional[End]:
+    def check_deadlines(self) -> Optional[End]:
         """After each turn: the LOGOUT and ending waits, idle time and write
         timeouts."""
         if self.logout is not None:
@@ -146,16 +154,17 @@ class Relay:
                 return self.ending
             if _monotonic() >= self.ending_deadline:
                 return self.client_gone(self.ending)
-        elif self.idle:
-            self.finish(End('client', 'idle timeout'), b'* BYE Idle timeout.\r\n')
+        elif self.timed_out:
+            self.end_with(End(EndedBy.CLIENT, 'idle timeout'), b'* BYE Idle timeout.\r\n')
         now = None
         for side in (client, server):
             if side.stalled is not None:
                 now = now or _monotonic()
                 if now - side.stalled >= self.write_timeout:
                     if side is server:
-                        return self.server_gone('send failed: write timeout')
-                    return self.client_gone(End('client',
+                        self.server_gone('send failed: write timeout')
+                        return None
+                    return self.client_gone(End(EndedBy.CLIENT,
                                                 'client gone: write failed: write timeout'))
         return None
 
@@ -203,7 +212,7 @@ class Relay:
         silence ends the session within 1.25 idle_timeout; the reads carry no timeout,
         which would cost a timer per read."""
         if _monotonic() - self.last_activity >= self.idle_timeout:
-            self.idle = True
+            self.timed_out = True
             self.idle_timer.stop()
             self.io.wake()
 
@@ -218,7 +227,7 @@ class Relay:
         if data is None:
             return None
         if not data:
-            return self.client_gone(End('client', 'client closed'))
+            return self.client_gone(End(EndedBy.CLIENT, 'client closed'))
         if client.more(data):
             self.io.ready |= CLIENT_IN
         self.last_activity = _monotonic()
@@ -247,12 +256,12 @@ class Relay:
 
     def on_held(self, held: Held) -> None:
         """Answer a command the proxy may answer itself, or forward it."""
-        if held.kind == 'compress':
+        if held.kind is Hold.COMPRESS:
             # Compression cannot be spliced into a cached connection (RFC 4978 section 3).
             self.say(held.tag + b' NO Compression is not available.\r\n')
-        elif held.kind == 'profile' and self.take_profile(held):
+        elif held.kind is Hold.PROFILE and self.take_profile(held):
             pass
-        elif held.kind == 'logout':
+        elif held.kind is Hold.LOGOUT:
             # Answered once every earlier command has its reply: see check_logout.
             self.logout = held
             now = _monotonic()
@@ -277,7 +286,7 @@ class Relay:
             tracker.doubt('no reply to commands pipelined before LOGOUT')
         held, self.logout = self.logout, None
         if tracker.unclean is None:
-            return End('logout', 'logout', held.tag)
+            return End(EndedBy.LOGOUT, 'logout', held.tag)
         self.to_server(tracker.forward(held))
         return self.on_client(b'')            # commands pipelined after it
 
@@ -323,11 +332,13 @@ class Relay:
         try:
             data = server.recv()
         except OSError as exc:
-            return self.server_gone('receive failed: %s' % (exc.strerror or exc))
+            self.server_gone('receive failed: %s' % (exc.strerror or exc))
+            return None
         if data is None:
             return None
         if not data:
-            return self.server_gone('server closed the connection')
+            self.server_gone('server closed the connection')
+            return None
         if server.more(data):
             self.io.ready |= SERVER_IN
         self.last_activity = self.server_heard = _monotonic()
@@ -365,7 +376,8 @@ class Relay:
             self.io.client.put(b''.join(out) if len(out) > 1 else out[0])
             self.counters['bytes_out'] += size
         if error is not None:
-            return self.server_gone(error)
+            self.server_gone(error)
+            return None
         if self.tracker.released:
             # A "+" or a refusal answered a synchronizing literal: the client's bytes
             # held behind it can be framed now.
@@ -397,7 +409,7 @@ class Relay:
         else:
             self.local.append(words)
 
-    def finish(self, end: End, last_words: bytes) -> None:
+    def end_with(self, end: End, last_words: bytes) -> None:
         """End the session from the client's side with `last_words` (a BYE): stop
         reading the client, go on reading the server until its response in progress
         is whole, then send what the client is owed and return `end`, all within
@@ -420,20 +432,20 @@ class Relay:
                 self.tracker.doubt('client commands not sent to the server')
         return end
 
-    def server_gone(self, reason: str) -> Optional[End]:
-        """The backend connection failed or closed: the client gets what was read, then
-        a BYE unless the server said one, within write_timeout."""
+    def server_gone(self, reason: str) -> None:
+        """The backend connection failed or closed: the relay goes on until the client
+        has what was read, then a BYE unless the server said one, within write_timeout
+        (see `ending`), and ends then."""
         tracker = self.tracker
         self.io.server.discard()
         self.local.clear()
         if tracker.logging_out and tracker.server_bye:
-            end = End('server', 'logout by the server')
+            end = End(EndedBy.SERVER, 'logout by the server')
         else:
-            end = End('server', 'backend ended: %s' % reason)
+            end = End(EndedBy.SERVER, 'backend ended: %s' % reason)
             if not tracker.server_bye:
                 # The client must not wait for replies that will never come.
                 self.io.client.put(b'* BYE Server connection lost.\r\n')
         self.ending = end
         self.ending_deadline = _monotonic() + self.write_timeout
         self.logout = None
-        return None

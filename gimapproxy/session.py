@@ -23,7 +23,7 @@ from .lease import BackendPool, Failure, Lease, LoginFailed, describe
 from .logfmt import printable
 from .command import BadCommand, parse_command, tag_of
 from .protocol import Framer, Line, LiteralData, ProtocolError
-from .relay import Relay
+from .relay import EndedBy, Relay
 from .tracker import Tracker, new_prefix
 from .sockio import recv_when_ready, send_all
 
@@ -413,11 +413,11 @@ class ClientSession:
         # The lease stays the session's until it is kept or dropped: run() ends it on
         # any other way out (an error, or a GreenletExit in the reset).
         lease = self.lease
-        if end.side == 'logout':
+        if end.side is EndedBy.LOGOUT:
             log.info('logout: id=%s user=%s backend=%s profile=%s', self.id,
                      printable(self.user), lease.conn.id, describe(lease.conn))
             lease.keep('logout', tracker, lambda: self.farewell(end.tag))
-        elif end.side == 'client':
+        elif end.side is EndedBy.CLIENT:
             self.close_client()
             lease.keep(end.reason, tracker)
         elif tracker.unclean is not None:

@@ -8,7 +8,6 @@ certificate again, so a session made under one name must never be offered under 
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from typing import Optional
 
@@ -18,7 +17,6 @@ from .config import ProxyConfig
 
 __all__ = ['BackendTLS', 'client_context', 'describe_error']
 
-log = logging.getLogger('gimapproxy.tls')
 
 _VERSIONS = {'tlsv1.2': ssl.TLSVersion.TLSv1_2, 'tlsv1.3': ssl.TLSVersion.TLSv1_3}
 
@@ -47,7 +45,6 @@ class BackendTLS:
         self._sessions: dict[tuple[str, str], object] = {}
         # Each wrapped socket's (host, name) until `remember` files its session.
         self._keys: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
-        self.resumed = 0              # new connections that resumed an earlier session
 
     def wrap(self, sock, host: str):
         """Run the TLS handshake on `sock` with server `host` (checked and sent as SNI
@@ -67,8 +64,6 @@ class BackendTLS:
         """Keep `sock`'s session for the next connection to the same host under the same
         name (TLS 1.3 sends its ticket after the handshake, so call this once data has
         been read). A socket that `wrap` did not make is ignored."""
-        if sock.session_reused:
-            self.resumed += 1
         key = self._keys.pop(sock, None)
         session = getattr(sock, 'session', None)
         if key is None or session is None:

@@ -26,6 +26,7 @@ client's bytes go to the server exactly as they came. docs/isolation.md lists th
 """
 from __future__ import annotations
 
+import enum
 import secrets
 from typing import Optional, Union
 
@@ -35,7 +36,7 @@ from .command import (ALL, COMMANDS, CONDSTORE, CONDSTORE_RE, DESELECTING, LITER
 from .protocol import (Framer, Line, LiteralData, ProtocolError, parse_response,
                        rewrite_capabilities)
 
-__all__ = ['Tracker', 'Held', 'Replay', 'enable_profile', 'new_prefix', 'MAX_COMMAND_LINE']
+__all__ = ['Tracker', 'Held', 'Hold', 'Replay', 'enable_profile', 'new_prefix', 'MAX_COMMAND_LINE']
 
 # After login: Dovecot's imap_max_line_length is 64 KiB; leave room above it. A longer
 # line is not refused: the connection is doubted and the line goes on to the server,
@@ -76,22 +77,29 @@ class Replay:
         return self.untagged + tag + self.tagged
 
 
+class Hold(enum.Enum):
+    """What a held command is: see Held."""
+    LOGOUT = 'logout'
+    COMPRESS = 'compress'
+    PROFILE = 'profile'
+
+
 class Held:
     """A command the relay may answer itself, or send on another connection: `kind` is
-    'logout', 'compress', or 'profile': the session's first command that changes
+    a Hold: LOGOUT, COMPRESS, or PROFILE: the session's first command that changes
     state asks for `profile`, and a cached connection of that profile may serve the
     session instead (an ENABLE, only one whose profile was set by the same bytes, `key`;
     a SELECT or EXAMINE with the CONDSTORE parameter, any). Nothing is recorded until
     the relay calls `Tracker.forward` (or `answered`); a refused one leaves no trace."""
     __slots__ = ('kind', 'tag', 'name', 'data', 'profile', 'key')
 
-    def __init__(self, kind: str, tag: bytes, name: bytes, data: bytes,
+    def __init__(self, kind: Hold, tag: bytes, name: bytes, data: bytes,
                  profile: frozenset = frozenset(), key: Optional[bytes] = None) -> None:
         self.kind, self.tag, self.name, self.data = kind, tag, name, data
         self.profile, self.key = profile, key
 
 
-class Command:
+class Sent:
     """A command sent to the server and not yet answered: `tag` is the proxy's,
     `client_tag` the client's."""
     __slots__ = ('tag', 'client_tag', 'name', 'reads', 'depth', 'args', 'literals', 'size',
@@ -128,17 +136,17 @@ class Tracker:
         self.replay = replay
         self.prefix = prefix
         self.sent = 0                # owned tags handed out
-        self.inflight: dict[bytes, Command] = {}      # by the proxy's tag
+        self.inflight: dict[bytes, Sent] = {}      # by the proxy's tag
         self.unclean: Optional[str] = None
         self.selected: Optional[bool] = False
         self.selecting = 0
-        self.current: Optional[Command] = None     # the command whose lines are read
-        self.idle: Optional[Command] = None         # an IDLE whose ending line is due
-        self.waiting: list[Command] = []            # commands owed a "+", in order
-        self.held: Optional[Command] = None         # its literal waits for that "+"
+        self.current: Optional[Sent] = None     # the command whose lines are read
+        self.idling: Optional[Sent] = None         # an IDLE whose ending line is due
+        self.waiting: list[Sent] = []            # commands owed a "+", in order
+        self.held: Optional[Sent] = None         # its literal waits for that "+"
         self.released = False        # a "+" or a refusal ended `held`: frame on
         self.listed: list[bytes] = []               # `* ENABLED` lines of an ENABLE
-        self.enabling: Optional[Command] = None     # see record
+        self.enabling: Optional[Sent] = None     # see record
         self.enabling_text = b''
         self.condstore = False       # CONDSTORE may have been turned on without ENABLE
         self.pinned = False          # a command that may change state was sent
@@ -198,10 +206,10 @@ class Tracker:
             self.event_kind = 'more'
             return self.on_segment(self.current, event, 0)
         self.event_kind = 'first'
-        if self.idle is not None:
+        if self.idling is not None:
             # RFC 2177 section 3: the line after IDLE ends it, whatever it says; the
             # server reads it as IDLE's and answers IDLE.
-            self.idle = None
+            self.idling = None
             if event.literal is not None:
                 self.doubt('literal after IDLE')
             return event.data
@@ -259,9 +267,9 @@ class Tracker:
         rest = data[pos:]
         if line.literal is None:
             if name == b'COMPRESS':
-                return Held('compress', tag, name, data)
+                return Held(Hold.COMPRESS, tag, name, data)
             if name == b'LOGOUT' and rest in (b'\r\n', b'\n'):
-                return Held('logout', tag, name, data)
+                return Held(Hold.LOGOUT, tag, name, data)
             if not self.pinned and not self.profile:
                 held = self.profile_asked(tag, name, data, rest)
                 if held is not None:
@@ -285,18 +293,18 @@ class Tracker:
         modseq, a FETCH of MODSEQ with nothing selected) stays on its connection."""
         if name == b'ENABLE':
             names = rest.split()
-            return Held('profile', tag, name, data, enable_profile(names),
+            return Held(Hold.PROFILE, tag, name, data, enable_profile(names),
                         data[len(tag):]) if names else None
         if name in SELECTING and SELECT_CONDSTORE_RE.match(rest):
-            return Held('profile', tag, name, data, CONDSTORE)
+            return Held(Hold.PROFILE, tag, name, data, CONDSTORE)
         return None
 
-    def record(self, tag: bytes, name: bytes, data: bytes) -> Command:
+    def record(self, tag: bytes, name: bytes, data: bytes) -> Sent:
         """Add a command to what is in flight, under a new owned tag, and note what it
         does to the session."""
         self.sent += 1
         owned = self.prefix + b'%d' % self.sent
-        command = Command(owned, tag, name, COMMANDS.get(name))
+        command = Sent(owned, tag, name, COMMANDS.get(name))
         # The ENABLE that sets the profile, alone in flight: its answer can be replayed.
         self.enabling = (command if name == b'ENABLE' and not self.inflight
                          and not self.profile and not self.pinned else None)
@@ -309,11 +317,11 @@ class Tracker:
         elif name == b'ENABLE':
             command.names = data.split()[2:]
         elif name == b'IDLE':
-            self.idle = command
+            self.idling = command
             self.waiting.append(command)
         return command
 
-    def on_segment(self, command: Optional[Command], line: Line, pos: int) -> bytes:
+    def on_segment(self, command: Optional[Sent], line: Line, pos: int) -> bytes:
         """A line of `command` from `pos`: note its keywords and whether the server reads
         the literal it announces, if any."""
         data = line.data
@@ -345,14 +353,14 @@ class Tracker:
             self.start_literal(command, size)
         return data
 
-    def start_literal(self, command: Command, size: int) -> None:
+    def start_literal(self, command: Sent, size: int) -> None:
         self.framer.expect_literal(size)
         self.current = command
         command.literals += 1
         if not size and not command.depth:
             command.args += 1            # {0}: the argument is whole already
 
-    def reads_literal(self, command: Command, data: bytes, pos: int) -> bool:
+    def reads_literal(self, command: Sent, data: bytes, pos: int) -> bool:
         """Whether the server reads the literal announced at the end of `data`: the
         command reads its arguments that far, and everything before it on the line is
         what Dovecot's parser takes without an error."""
@@ -402,7 +410,7 @@ class Tracker:
                 self.keywords(command, command.keyword)
             command.keyword = b''
 
-    def keywords(self, command: Command, text: bytes) -> None:
+    def keywords(self, command: Sent, text: bytes) -> None:
         # RFC 7162 section 3.1: these turn CONDSTORE on for the rest of the session, as
         # ENABLE CONDSTORE does. The connection is then cached under that profile (the
         # reset sends ENABLE CONDSTORE to make sure of it).
@@ -473,7 +481,7 @@ class Tracker:
         self.enabling = None             # an ENABLE's answer has only ENABLED lines
         return line
 
-    def on_reply(self, command: Command, status: bytes, line: bytes) -> None:
+    def on_reply(self, command: Sent, status: bytes, line: bytes) -> None:
         if command in self.waiting:
             # The server refused a synchronizing literal: the client will not send it
             # (RFC 3501 section 7.5); or an IDLE ended without its continuation.
@@ -481,8 +489,8 @@ class Tracker:
             if command is self.held:
                 self.held = None
                 self.released = True
-        if command is self.idle:
-            self.idle = None
+        if command is self.idling:
+            self.idling = None
         if status != b'OK' and command.literals:
             # The server refused a command that had literals: it may not have read
             # them as announced (Dovecot reads a refused APPEND's as arguments).
@@ -510,15 +518,15 @@ class Tracker:
 
     # -- the end ---------------------------------------------------------------------
 
-    def settle(self) -> Optional[str]:
+    def leftover(self) -> Optional[str]:
         """Why the connection cannot be finished and kept after the client left, or
         None: then the commands in `inflight` only need their replies read (an IDLE
-        still waiting for its DONE needs that line: see `idle`)."""
+        still waiting for its DONE needs that line: see `idling`)."""
         if self.unclean is not None:
             return self.unclean
         if self.current is not None or not self.framer.at_boundary:
             return 'client left inside a command'
-        if any(command is not self.idle for command in self.waiting):
+        if any(command is not self.idling for command in self.waiting):
             return 'client left inside a literal'
         if any(command.name == b'ENABLE' for command in self.inflight.values()):
             return 'client left inside ENABLE'

@@ -267,3 +267,12 @@ def test_close_all_logs_out_the_cached_and_closes_the_rest(clock):
     assert cached.conn.closed == ('shutdown', 'cached')
     assert busy.conn.closed == ('shutdown', 'active')
     assert cache.total == 0 and cache.entries() == []
+
+
+def test_a_login_under_way_is_not_retired_by_another_of_the_same_password(clock):
+    cache = make(clock)
+    slow = cache.reserve('k')                 # still connecting
+    slow.conn = FakeConn('a')
+    login(cache, 'k', b'pw', 'b')             # the same user's other login got in first
+    cache.add(slow, cache.verifier(b'pw'))
+    assert not slow.retired and cache.release(slow) is True

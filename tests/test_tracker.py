@@ -36,7 +36,7 @@ class Wire:
         tracker = self.tracker
         while (event := tracker.next_event()) is not None:
             if isinstance(event, Held):
-                self.held.append((event.kind, event.tag))
+                self.held.append((event.kind.value, event.tag))
                 if not self.forward_held:
                     continue
                 event = tracker.forward(event)
@@ -350,18 +350,18 @@ def test_capabilities_are_filtered():
         b'* CAPABILITY IMAP4rev1 IDLE\r\na OK [CAPABILITY IMAP4rev1 IDLE] done\r\n'
 
 
-def test_settle():
+def test_leftover():
     tracker, _, _ = feed(b'a FETCH 1:* (FLAGS)\r\n', 100)
-    assert tracker.settle() is None                # only the reply is owed
+    assert tracker.leftover() is None                # only the reply is owed
     tracker, _, _ = feed(b'a IDLE\r\n', 100)
     answer(tracker, b'+ idling\r\n')
-    assert tracker.settle() is None and tracker.idle is not None   # owes its DONE
+    assert tracker.leftover() is None and tracker.idling is not None   # owes its DONE
     tracker, _, _ = feed(b'a APPEND INBOX {5+}\r\nhel', 100)
-    assert tracker.settle() == 'client left inside a command'
+    assert tracker.leftover() == 'client left inside a command'
     tracker, _, _ = feed(b'a APPEND INBOX {5}\r\n', 100)
-    assert tracker.settle() == 'client left inside a literal'
+    assert tracker.leftover() == 'client left inside a literal'
     tracker, _, _ = feed(b'a ENABLE X\r\n', 100)
-    assert tracker.settle() == 'client left inside ENABLE'
+    assert tracker.leftover() == 'client left inside ENABLE'
 
 
 @pytest.mark.parametrize('step', SPLITS)
