@@ -13,8 +13,8 @@ import logging
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
-__all__ = ['ConfigError', 'ProxyConfig', 'KEYS', 'RESTART_KEYS', 'load_config', 'make_config',
-           'SECTION']
+__all__ = ['ConfigError', 'ProxyConfig', 'KEYS', 'LIVE', 'FLUSH', 'RESTART', 'RESTART_KEYS',
+           'FLUSH_KEYS', 'load_config', 'make_config', 'SECTION']
 
 SECTION = 'gimapproxy'
 
@@ -169,164 +169,176 @@ def _level(text: str) -> str:
     return text.lower()
 
 
+# What a reload (SIGHUP, `ProxyServer.reload`) does with a key whose value changed, its
+# Key.on_reload:
+LIVE = 'live'           # new sessions and new server connections use the new value
+FLUSH = 'flush'         # as LIVE, and the cached connections are logged out: they were
+                        # made to the old server, with the old TLS settings, or under a
+                        # cache key that no login would match again
+RESTART = 'restart'     # the running value stays until a restart: it is a bound socket
+                        # or the user the process became
+
+
 class Key(NamedTuple):
     name: str
     parse: Callable[[str], Any]
     default: Optional[str]          # None: required
+    on_reload: str                  # LIVE, FLUSH or RESTART
     help: str
 
 
-# The one table. etc/proxy.ini documents the same keys with the same defaults; a test
-# checks that they agree.
+# The one table. etc/proxy.ini documents the same keys with the same defaults, and so
+# does README.md's table; tests check that they agree.
 KEYS = (
-    Key('listen_address', _address, '127.0.0.1',
+    Key('listen_address', _address, '127.0.0.1', RESTART,
         'Address to accept clients on; * for all addresses.'),
-    Key('listen_port', _integer(0, 65535), '1143',
+    Key('listen_port', _integer(0, 65535), '1143', RESTART,
         'Port to accept clients on (0: any free port, for tests).'),
-    Key('reuse_port', _boolean, 'no',
+    Key('reuse_port', _boolean, 'no', RESTART,
         'Set SO_REUSEPORT on the listening sockets, so that several proxy processes '
         'with the same listen_address and listen_port share them and the kernel spreads '
         'new clients over them (one core each); each process keeps its own cache.'),
-    Key('server_hostname', _hosts, None,
+    Key('server_hostname', _hosts, None, FLUSH,
         'Host name or address of the IMAP server; several (space separated, each may be '
         'host:port) spread users over them and fail over.'),
-    Key('server_port', _integer(1, 65535), '143',
+    Key('server_port', _integer(1, 65535), '143', FLUSH,
         'Port of the IMAP server.'),
-    Key('cache_size', _integer(1, 1000000), '1000',
+    Key('cache_size', _integer(1, 1000000), '1000', LIVE,
         'Most backend connections, active plus cached. Keep it below the server\'s '
         'process limit (Dovecot: service imap process_limit, 1024 by default).'),
-    Key('cache_expiration_time', _seconds(0, 86400), '300',
+    Key('cache_expiration_time', _seconds(0, 86400), '300', LIVE,
         'Seconds a logged-out backend connection is kept for reuse. Keep it below the '
         'server\'s autologout (Dovecot: 30 minutes).'),
-    Key('max_auth_age', _seconds(0, 86400), '900',
+    Key('max_auth_age', _seconds(0, 86400), '900', LIVE,
         'Seconds after the server last checked a user\'s password during which a cached '
         'connection may still be handed out; reuse does not extend it. A password '
         'changed on the server stops working through the proxy after this long.'),
-    Key('max_connections_per_user', _integer(1, 10000), '10',
+    Key('max_connections_per_user', _integer(1, 10000), '10', LIVE,
         'Most backend connections of one user, active plus cached. Keep it at or below '
         'the server\'s per-user limit (Dovecot: mail_max_userip_connections, 10).'),
-    Key('username_case', _choice('lower', 'exact'), 'lower',
+    Key('username_case', _choice('lower', 'exact'), 'lower', FLUSH,
         'How the server compares user names, so that the proxy counts, caches and flushes '
         'one account under one name: lower (ASCII lower case, so USER1 and user1 are one '
         'user) or exact. Dovecot: lower, unless auth_username_format was changed to one '
         'that does not lower-case the name (its default, %Lu, does). Cyrus: lower with '
         'username_tolower (on by default), else exact. Courier: exact. The server and the '
         'log still see the name as the client spelled it.'),
-    Key('send_reuse_code', _boolean, 'no',
+    Key('send_reuse_code', _boolean, 'no', LIVE,
         'Tell clients when they get a reused connection: [XPROXYREUSE] before the login '
         'OK, and XIMAPPROXY in the pre-login capabilities (up-imapproxy\'s convention).'),
-    Key('expiry_interval', _seconds(0.01, 3600), '60',
+    Key('expiry_interval', _seconds(0.01, 3600), '60', LIVE,
         'Seconds between sweeps that close expired cached connections.'),
-    Key('connect_timeout', _seconds(0.01, 600), '10',
+    Key('connect_timeout', _seconds(0.01, 600), '10', LIVE,
         'Seconds to connect to the server and read its greeting.'),
-    Key('shutdown_timeout', _seconds(0, 3600), '10',
+    Key('shutdown_timeout', _seconds(0, 3600), '10', LIVE,
         'Seconds that open sessions get to finish after SIGTERM or SIGINT.'),
-    Key('log_level', _level, 'info',
+    Key('log_level', _level, 'info', LIVE,
         'One of debug, info, warning, error.'),
     # TLS towards the server.
-    Key('server_tls', _choice('off', 'starttls', 'implicit'), 'off',
+    Key('server_tls', _choice('off', 'starttls', 'implicit'), 'off', FLUSH,
         'TLS towards the server: off, starttls (on server_port, usually 143) or implicit '
         '(usually port 993). STARTTLS fails closed.'),
-    Key('tls_ca_file', _file, '',
+    Key('tls_ca_file', _file, '', FLUSH,
         'CA certificates (PEM) to verify the server with; empty: the system trust store.'),
-    Key('tls_verify_server', _boolean, 'yes',
+    Key('tls_verify_server', _boolean, 'yes', FLUSH,
         'Verify the server\'s certificate chain and host name.'),
-    Key('tls_server_name', _text, '',
+    Key('tls_server_name', _text, '', FLUSH,
         'Name to verify the server certificate against and to send as SNI; empty: '
         'server_hostname.'),
-    Key('tls_cert_file', _file, '',
+    Key('tls_cert_file', _file, '', FLUSH,
         'Client certificate (PEM) the proxy shows the server; optional.'),
-    Key('tls_key_file', _file, '',
+    Key('tls_key_file', _file, '', FLUSH,
         'Key of tls_cert_file.'),
-    Key('tls_ciphers', _text, '',
+    Key('tls_ciphers', _text, '', FLUSH,
         'OpenSSL cipher list for TLS 1.2 towards the server; empty: OpenSSL\'s default.'),
-    Key('tls_min_version', _choice('tlsv1.2', 'tlsv1.3'), 'tlsv1.2',
+    Key('tls_min_version', _choice('tlsv1.2', 'tlsv1.3'), 'tlsv1.2', FLUSH,
         'Lowest TLS version accepted, towards the server and from clients.'),
     # TLS towards clients.
-    Key('listen_tls_port', _integer(0, 65535), '0',
+    Key('listen_tls_port', _integer(0, 65535), '0', RESTART,
         'Port for implicit-TLS clients on listen_address; 0: off.'),
-    Key('client_tls_cert_file', _file, '',
+    Key('client_tls_cert_file', _file, '', LIVE,
         'Certificate (PEM, with its chain) the proxy shows clients.'),
-    Key('client_tls_key_file', _file, '',
+    Key('client_tls_key_file', _file, '', LIVE,
         'Key of client_tls_cert_file.'),
-    Key('client_starttls', _auto_boolean, 'auto',
+    Key('client_starttls', _auto_boolean, 'auto', LIVE,
         'Offer STARTTLS on listen_port: yes, no, or auto (yes when a client certificate '
         'is configured).'),
-    Key('require_client_tls', _boolean, 'no',
+    Key('require_client_tls', _boolean, 'no', LIVE,
         'Refuse logins on listen_port before STARTTLS (clients see LOGINDISABLED).'),
     # The client's address at the server.
-    Key('forward_client_ip', _boolean, 'yes',
+    Key('forward_client_ip', _boolean, 'yes', LIVE,
         'On each new server connection, send ID with the client\'s address '
         '(x-originating-ip, ...) when the server offers ID; Dovecot honours it from '
         'login_trusted_networks.'),
-    Key('trusted_networks', _networks, '',
+    Key('trusted_networks', _networks, '', LIVE,
         'Networks (CIDR, space separated) whose clients may pass their own x-originating-* '
         'ID fields, such as a webmail host that reports the browser\'s address; with '
         'proxy_protocol, also the load balancers that may send PROXY headers.'),
-    Key('proxy_protocol', _boolean, 'no',
+    Key('proxy_protocol', _boolean, 'no', LIVE,
         'Every client connection starts with a PROXY protocol header (HAProxy\'s, '
         'version 1 or 2) that gives the client\'s address; accepted only from '
         'trusted_networks, and a connection without a valid one is closed.'),
-    Key('cache_per_client_ip', _boolean, 'no',
+    Key('cache_per_client_ip', _boolean, 'no', FLUSH,
         'Reuse a cached connection only for the same client address; needed when the '
         'server applies per-IP policy (Dovecot allow_nets).'),
     # Limits.
-    Key('max_clients', _integer(1, 1000000), '5000',
+    Key('max_clients', _integer(1, 1000000), '5000', LIVE,
         'Most client connections at once; past it new clients get BYE and are closed.'),
-    Key('preauth_timeout', _seconds(1, 3600), '60',
+    Key('preauth_timeout', _seconds(1, 3600), '60', LIVE,
         'Seconds a client has to log in.'),
-    Key('idle_timeout', _seconds(1, 86400), '1800',
+    Key('idle_timeout', _seconds(1, 86400), '1800', LIVE,
         'Seconds of silence on both sides after login before the session is closed (an '
         'IDLE kept alive by the server counts as traffic).'),
-    Key('max_line_length', _integer(512, 1048576), '65536',
+    Key('max_line_length', _integer(512, 1048576), '65536', LIVE,
         'Longest command line before login, in bytes (Dovecot takes a 30 KB ID).'),
-    Key('max_literal_size', _integer(0, 1048576), '8192',
+    Key('max_literal_size', _integer(0, 1048576), '8192', LIVE,
         'Largest literal before login: a bigger synchronizing one gets NO, a '
         'non-synchronizing one ends the session.'),
-    Key('login_timeout', _seconds(0.1, 600), '30',
+    Key('login_timeout', _seconds(0.1, 600), '30', LIVE,
         'Seconds the server may take to answer a login (Dovecot delays failed logins by '
         'up to 15 s).'),
-    Key('send_tcp_keepalives', _boolean, 'yes',
+    Key('send_tcp_keepalives', _boolean, 'yes', LIVE,
         'TCP keepalives on server connections (tcp_keepidle, tcp_keepintvl, tcp_keepcnt), '
         'so that one a firewall or NAT forgot is found dead.'),
-    Key('tcp_keepidle', _integer(1, 86400), '60',
+    Key('tcp_keepidle', _integer(1, 86400), '60', LIVE,
         'Seconds a server connection is idle before the first keepalive.'),
-    Key('tcp_keepintvl', _integer(1, 3600), '10',
+    Key('tcp_keepintvl', _integer(1, 3600), '10', LIVE,
         'Seconds between keepalives that get no answer.'),
-    Key('tcp_keepcnt', _integer(1, 100), '3',
+    Key('tcp_keepcnt', _integer(1, 100), '3', LIVE,
         'Keepalives without an answer before the connection counts as dead.'),
-    Key('server_check_delay', _seconds(0, 86400), '30',
+    Key('server_check_delay', _seconds(0, 86400), '30', LIVE,
         'A cached connection idle for longer than this is checked with a NOOP before it '
         'is handed out; one that fails is closed and the login goes on with another '
         '(0: always check).'),
-    Key('server_check_timeout', _seconds(0.01, 600), '2',
+    Key('server_check_timeout', _seconds(0.01, 600), '2', LIVE,
         'Seconds that NOOP may take.'),
-    Key('busy_timeout', _seconds(0, 600), '5',
+    Key('busy_timeout', _seconds(0, 600), '5', LIVE,
         'Seconds a login waits for a server connection when the user '
         '(max_connections_per_user) or the proxy (cache_size) has none free: one being '
         'reset or closed frees a place. Past it the login gets NO [UNAVAILABLE].'),
-    Key('reset_timeout', _seconds(0.1, 600), '10',
+    Key('reset_timeout', _seconds(0.1, 600), '10', LIVE,
         'Seconds the server may take to reset a connection for reuse; past it the '
         'connection is closed.'),
-    Key('write_timeout', _seconds(1, 3600), '60',
+    Key('write_timeout', _seconds(1, 3600), '60', LIVE,
         'Seconds a write to a client (or, after login, to the server) may make no progress '
         'before that peer counts as gone.'),
     # Operations.
-    Key('stats_listen', _host_port, '',
+    Key('stats_listen', _host_port, '', RESTART,
         'host:port for HTTP /metrics (Prometheus), /stats (JSON) and /admin; empty: off.'),
-    Key('admin_networks', _networks, '127.0.0.0/8 ::1/128',
+    Key('admin_networks', _networks, '127.0.0.0/8 ::1/128', LIVE,
         'Networks (CIDR) allowed to use /admin on stats_listen.'),
-    Key('trace_users', _names, '',
+    Key('trace_users', _names, '', LIVE,
         'Users whose traffic is logged at debug level (passwords and message bodies '
         'masked), space separated.'),
-    Key('proc_username', _user, '',
+    Key('proc_username', _user, '', RESTART,
         'User to run as after binding the ports; empty: stay as started. Never root.'),
-    Key('proc_groupname', _group, '',
+    Key('proc_groupname', _group, '', RESTART,
         'Group to run as after binding the ports; empty: the user\'s group.'),
 )
 # Keys a reload (SIGHUP) cannot change: they need a restart.
-RESTART_KEYS = frozenset(('listen_address', 'listen_port', 'reuse_port', 'listen_tls_port',
-                          'stats_listen', 'proc_username', 'proc_groupname'))
+RESTART_KEYS = frozenset(key.name for key in KEYS if key.on_reload == RESTART)
+# Keys whose change on a reload logs out the cached connections.
+FLUSH_KEYS = frozenset(key.name for key in KEYS if key.on_reload == FLUSH)
 _BY_NAME = {key.name: key for key in KEYS}
 
 

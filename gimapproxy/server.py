@@ -7,6 +7,7 @@ signals; `gimapproxy.cli` does that for the command-line daemon.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import itertools
 import logging
@@ -20,12 +21,12 @@ from gevent.server import StreamServer
 
 from .backend import BackendConnection, BackendError
 from .cache import ConnectionCache
-from .config import KEYS, RESTART_KEYS, ProxyConfig
+from .config import FLUSH_KEYS, KEYS, RESTART_KEYS, ProxyConfig
 from .forward import is_trusted
 from .lease import BackendPool, ServerChoice
 from .proxyproto import V2_MAX_LENGTH, HeaderError, ProxyHeader, parse_header
 from .session import ClientSession
-from .stats import Stats
+from .stats import METRICS_MISSING, Stats, metrics_available
 from .tls import BackendTLS, client_context
 
 __all__ = ['ProxyServer']
@@ -164,8 +165,6 @@ class ProxyServer(Listener):
         # gevent refuses a backlog with a socket that is already listening.
         backlog = None if hasattr(listener, 'accept') else LISTEN_BACKLOG
         super().__init__(listener, spawn=pool, backlog=backlog)
-        # Implicit TLS for clients: a second listener feeding the same sessions. The
-        # handshake runs in the session, under its login deadline.
         self.stats_listener = None
         if config.stats_listen:
             from gevent.pywsgi import WSGIServer
@@ -173,6 +172,8 @@ class ProxyServer(Listener):
             from .wsgi import make_app
             self.stats_listener = WSGIServer(config.stats_listen, make_app(self), log=None,
                                              error_log=logging.getLogger('gimapproxy.http'))
+        # Implicit TLS for clients: a second listener feeding the same sessions. The
+        # handshake runs in the session, under its login deadline.
         self.tls_listener: Optional[StreamServer] = None
         if config.listen_tls_port:
             self.tls_listener = Listener(
@@ -207,6 +208,10 @@ class ProxyServer(Listener):
             if self.config.server_tls == 'off' and not _is_loopback(host):
                 log.warning('server_tls is off: passwords cross the network in clear text '
                             'to %s', host)
+        if self.stats_listener is not None and not metrics_available():
+            log.warning('metrics unavailable: stats_listen=%s:%d reason=%s (/metrics answers '
+                        '501; /stats and /admin work)', self.stats_listener.server_host,
+                        self.stats_listener.server_port, METRICS_MISSING)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, give open sessions up to `timeout` seconds (default
@@ -292,31 +297,32 @@ class ProxyServer(Listener):
         """Take a new configuration without dropping sessions.
 
         Returns (keys that changed and took effect, keys that changed but need a
-        restart). New sessions and new server connections use the new settings; when
-        the server or its TLS settings changed, cached connections are logged out.
+        restart: RESTART_KEYS, which keep their running values). New sessions and new
+        server connections use the new settings; when one of FLUSH_KEYS changed (the
+        server, its TLS settings, username_case, cache_per_client_ip), cached
+        connections are logged out.
         """
         changed = [key.name for key in KEYS
                    if getattr(config, key.name) != getattr(self.config, key.name)]
         restart = [name for name in changed if name in RESTART_KEYS]
         live = [name for name in changed if name not in RESTART_KEYS]
-        backend_keys = {'server_hostname', 'server_port', 'server_tls', 'tls_ca_file',
-                        'tls_verify_server', 'tls_server_name', 'tls_cert_file',
-                        'tls_key_file', 'tls_ciphers', 'tls_min_version'}
+        flushing = [name for name in live if name in FLUSH_KEYS]
         pool = self.backend_pool
         pool.backend_tls = BackendTLS(config) if config.server_tls != 'off' else None
         pool.client_tls = client_context(config)
         # Keys a restart needs keep their running values, so the config stays true.
-        self.config = pool.config = config.__class__(**{**config.__dict__, **{
-            name: getattr(self.config, name) for name in restart}})
+        self.config = pool.config = dataclasses.replace(
+            config, **{name: getattr(self.config, name) for name in restart})
         cache = self.cache
         cache.size = config.cache_size
         cache.expiration = config.cache_expiration_time
         cache.per_user = config.max_connections_per_user
         cache.max_auth_age = config.max_auth_age
         self.choice.servers = config.servers
-        # Keys made under other rules would never match a login again.
-        if backend_keys & set(live) or {'cache_per_client_ip', 'username_case'} & set(live):
-            self.flush(None, 'server settings changed')
+        # Cached connections lead to the old server or TLS settings, or were cached under
+        # keys that no login would match again.
+        if flushing:
+            self.flush(None, 'reload changed %s' % ','.join(flushing))
         return live, restart
 
     def flush(self, user: Optional[bytes] = None, reason: str = 'admin flush') -> int:

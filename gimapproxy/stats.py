@@ -3,20 +3,42 @@
 The hot paths only add to a plain dict (`Stats.counters`); the Prometheus text is made by
 prometheus_client at scrape time from a collector that reads those numbers, so a proxy
 whose stats nobody reads pays nothing more. prometheus_client itself is imported only when
-metrics are served: by `Stats.registry()`, on the first scrape of /metrics.
+metrics are served: by `Stats.registry()`, on the first scrape of /metrics. It is the
+`metrics` extra (`pip install gimapproxy[metrics]`); without it the JSON snapshot still
+works, and `registry()` raises MetricsUnavailable.
 """
 from __future__ import annotations
 
 import bisect
 import collections
+import importlib.util
 import time
 
 from .cache import State
 
-__all__ = ['Stats', 'reason_class']
+__all__ = ['Stats', 'reason_class', 'MetricsUnavailable', 'metrics_available',
+           'METRICS_MISSING']
+
+# Why there are no Prometheus metrics, and what to do: /metrics answers it, and the
+# server warns with it at start.
+METRICS_MISSING = 'prometheus_client is not installed: pip install gimapproxy[metrics]'
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
+
+
+class MetricsUnavailable(Exception):
+    """There are no Prometheus metrics: prometheus_client (the `metrics` extra) cannot be
+    imported. The message says what to install."""
+
+
+def metrics_available() -> bool:
+    """Return True when prometheus_client can be imported. It is looked for, not
+    imported, so that it is still loaded only on the first scrape."""
+    try:
+        return importlib.util.find_spec('prometheus_client') is not None
+    except ValueError:          # imported already, by something that left no spec
+        return True
 
 
 def reason_class(reason: str) -> str:
@@ -92,9 +114,16 @@ class Stats:
 
     def registry(self):
         """Return the prometheus_client CollectorRegistry that holds this collector, made
-        (and prometheus_client imported) on first use."""
+        (and prometheus_client imported) on first use.
+
+        Raises:
+            MetricsUnavailable: prometheus_client is not installed (METRICS_MISSING).
+        """
         if self._registry is None:
-            from prometheus_client import CollectorRegistry
+            try:
+                from prometheus_client import CollectorRegistry
+            except ImportError:
+                raise MetricsUnavailable(METRICS_MISSING) from None
             registry = CollectorRegistry(auto_describe=False)
             registry.register(self)
             self._registry = registry

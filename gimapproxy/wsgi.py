@@ -3,11 +3,12 @@
     from gimapproxy.wsgi import make_app
     app = make_app(server)        # mount it in the host's gevent web app, or serve it
 
-GET /metrics (Prometheus text format), GET /stats (JSON), and, from `admin_networks`
-only: GET /admin/cache (cached connections per user, no secrets), POST /admin/flush
-(all) and POST /admin/flush?user=NAME (one user). Another method on one of these paths
-gets 405 with an Allow header; any other path 404. Nothing admin-related is reachable on
-the IMAP port.
+GET /metrics (Prometheus text format; 501 with a text that says what to install when
+prometheus_client, the `metrics` extra, is missing), GET /stats (JSON), and, from
+`admin_networks` only: GET /admin/cache (cached connections per user, no secrets), POST
+/admin/flush (all) and POST /admin/flush?user=NAME (one user). Another method on one of
+these paths gets 405 with an Allow header; any other path 404. Nothing admin-related is
+reachable on the IMAP port.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import logging
 from urllib.parse import parse_qs
 
 from .forward import is_trusted
+from .stats import MetricsUnavailable
 
 __all__ = ['make_app']
 
@@ -40,9 +42,15 @@ def make_app(server):
         method = environ.get('REQUEST_METHOD', 'GET')
         if path == '/metrics' and method == 'GET':
             # prometheus_client is loaded on the first scrape, not with the package.
+            try:
+                registry = server.metrics.registry()
+            except MetricsUnavailable as exc:
+                # Not an outage that will pass (503): this install cannot serve it.
+                return respond(start_response, '501 Not Implemented',
+                               ('%s\n' % exc).encode(), 'text/plain; charset=utf-8')
             from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-            text = generate_latest(server.metrics.registry())
-            return respond(start_response, '200 OK', text, CONTENT_TYPE_LATEST)
+            return respond(start_response, '200 OK', generate_latest(registry),
+                           CONTENT_TYPE_LATEST)
         if path == '/stats' and method == 'GET':
             return respond(start_response, '200 OK', server.stats())
         if path.startswith('/admin/'):
