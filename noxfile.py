@@ -122,7 +122,8 @@ def compat(session):
         if _version_tuple(gevent) < (23, 7) and _version_tuple(python) >= (3, 9):
             extra = [OLD_GEVENT_SETUPTOOLS]
         if gevent == GEVENTS[python][0]:
-            session.install('.', 'gevent==' + gevent, *extra, *TEST_DEPS)
+            # The metrics extra too: test_cli scrapes /metrics.
+            session.install('.[metrics]', 'gevent==' + gevent, *extra, *TEST_DEPS)
         else:
             session.install('gevent==' + gevent, *extra)
         session.run('python', '-m', 'pip', 'check', silent=True)
