@@ -32,7 +32,7 @@ from .logfmt import ProtocolTrace
 from .protocol import LiteralData, ProtocolError
 from .tracker import Held, Hold, Tracker
 
-__all__ = ['Relay', 'End', 'EndedBy']
+__all__ = ['Relay', 'End', 'EndedBy', 'Phase']
 
 log = logging.getLogger('gimapproxy.relay')
 
@@ -50,6 +50,17 @@ class EndedBy(enum.Enum):
     LOGOUT = 'logout'
     CLIENT = 'client'
     SERVER = 'server'
+
+
+class Phase(enum.Enum):
+    """Where the relay's loop is: RELAYING both ways; LOGGING_OUT, a LOGOUT held until
+    the replies owed before it have reached the client (the client is not read);
+    ENDING, the client is owed what was read and the proxy's last words, then the End
+    (the client is not read, the server only until those words can follow a whole
+    response)."""
+    RELAYING = 'relaying'
+    LOGGING_OUT = 'logging out'
+    ENDING = 'ending'
 
 
 class End:
@@ -85,6 +96,7 @@ class Relay:
         self.timed_out = False             # idle_timeout passed: say BYE
         self.idle_timer = None
         self.local: list[bytes] = []  # the proxy's words, waiting for a response's end
+        self.phase = Phase.RELAYING
         self.logout: Optional[Held] = None      # a LOGOUT waiting for earlier replies
         self.logout_deadline = 0.0
         self.ending: Optional[End] = None       # the End to return once the client
@@ -132,8 +144,8 @@ class Relay:
                 except OSError as exc:
                     end = self.client_gone(self.ending or End(
                         EndedBy.CLIENT, 'client gone: write failed: %s' % (exc.strerror or exc)))
-            if end is None and (self.logout or self.ending or self.timed_out or client.stalled
-                                or server.stalled):
+            if end is None and (self.phase is not Phase.RELAYING or self.timed_out
+                                or client.stalled or server.stalled):
                 end = self.check_deadlines()
             if end is None and not io.ready and not (
                     client.queue and client.stalled is None
@@ -174,10 +186,11 @@ class Relay:
         or after it until the proxy's last words have followed a whole response."""
         io = self.io
         sides = 0
-        if (self.ending is None and self.logout is None and io.server.queued < QUEUE_LIMIT
+        phase = self.phase
+        if (phase is Phase.RELAYING and io.server.queued < QUEUE_LIMIT
                 and self.tracker.framer.buffered < QUEUE_LIMIT):
             sides = CLIENT_IN
-        if (self.ending is None or self.local) and io.client.queued < QUEUE_LIMIT:
+        if (phase is not Phase.ENDING or self.local) and io.client.queued < QUEUE_LIMIT:
             sides |= SERVER_IN
         return sides
 
@@ -196,7 +209,7 @@ class Relay:
         want = (self.reading() | (CLIENT_OUT if client.queue else 0)
                 | (SERVER_OUT if server.queue else 0) | client.cross | server.cross)
         deadline = None
-        if client.stalled or server.stalled or self.logout or self.ending:
+        if client.stalled or server.stalled or self.phase is not Phase.RELAYING:
             times = [side.stalled + self.write_timeout
                      for side in (client, server) if side.stalled is not None]
             if self.logout is not None:
@@ -237,7 +250,7 @@ class Relay:
         """Feed client bytes to the tracker and queue what it frames for the server."""
         tracker = self.tracker
         tracker.feed(data)
-        while self.logout is None and self.ending is None:
+        while self.phase is Phase.RELAYING:
             event = tracker.next_event()
             if event is None:
                 break
@@ -263,7 +276,7 @@ class Relay:
             pass
         elif held.kind is Hold.LOGOUT:
             # Answered once every earlier command has its reply: see check_logout.
-            self.logout = held
+            self.logout, self.phase = held, Phase.LOGGING_OUT
             now = _monotonic()
             self.logout_deadline = now + LOGOUT_WAIT
             self.server_heard = now           # silence counts from the LOGOUT on
@@ -284,7 +297,7 @@ class Relay:
             if _monotonic() < self.logout_due():
                 return None
             tracker.doubt('no reply to commands pipelined before LOGOUT')
-        held, self.logout = self.logout, None
+        held, self.logout, self.phase = self.logout, None, Phase.RELAYING
         if tracker.unclean is None:
             return End(EndedBy.LOGOUT, 'logout', held.tag)
         self.to_server(tracker.forward(held))
@@ -414,7 +427,7 @@ class Relay:
         reading the client, go on reading the server until its response in progress
         is whole, then send what the client is owed and return `end`, all within
         write_timeout."""
-        self.ending = end
+        self.ending, self.phase = end, Phase.ENDING
         self.ending_deadline = _monotonic() + self.write_timeout
         self.say(last_words)
 
@@ -446,6 +459,6 @@ class Relay:
             if not tracker.server_bye:
                 # The client must not wait for replies that will never come.
                 self.io.client.put(b'* BYE Server connection lost.\r\n')
-        self.ending = end
+        self.ending, self.phase = end, Phase.ENDING
         self.ending_deadline = _monotonic() + self.write_timeout
         self.logout = None
