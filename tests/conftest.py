@@ -99,6 +99,20 @@ def wait_cached(proxy: ProxyServer, count: int = 1, timeout: float = 5.0) -> Non
                '%d connection(s) to be cached' % count, timeout)
 
 
+def wait_for_text(path, text: str, timeout: float = 5.0) -> str:
+    """Wait until the file at `path` (a process's log, say) holds `text`; return the
+    file's text then. A file not there yet holds nothing. Raises AssertionError after
+    `timeout` seconds."""
+    def read() -> str:
+        try:
+            with open(path, errors='replace') as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return ''
+    wait_until(lambda: text in read(), '%s to hold %r' % (path, text), timeout)
+    return read()
+
+
 @pytest.fixture
 def make_proxy(backend):
     """Start proxies with extra settings; all are stopped after the test."""

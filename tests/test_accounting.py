@@ -11,7 +11,7 @@ from gevent import socket
 from gevent.server import StreamServer
 
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, require_dovecot
-from tests.conftest import Backend, start_proxy
+from tests.conftest import Backend, start_proxy, wait_cached
 from tests.wire import Client
 
 USERS = {'acct%d' % i: 'pw-acct%d' % i for i in range(1, 25)}
@@ -233,7 +233,7 @@ def test_a_cached_connection_that_died_silently_costs_one_login(server, proxy_lo
                         server_check_timeout=1)
     try:
         run_session(proxy.server_port, user, password, [b'SELECT INBOX'])
-        gevent.sleep(0.3)                        # cached
+        wait_cached(proxy)
         relay.stall()
         started = time.monotonic()
         answers = run_session(proxy.server_port, user, password, [b'SELECT INBOX'])
@@ -244,7 +244,7 @@ def test_a_cached_connection_that_died_silently_costs_one_login(server, proxy_lo
         assert any('backend closed:' in line and 'server check failed' in line
                    for line in proxy_log.lines)
         # A cached connection that answers its check is handed out as before.
-        gevent.sleep(0.3)
+        wait_cached(proxy)
         run_session(proxy.server_port, user, password, [b'NOOP'])
         assert logins(proxy_log, user) == ['new', 'new', 'reused']
     finally:

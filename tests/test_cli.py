@@ -11,7 +11,7 @@ import time
 import pytest
 
 from gimapproxy import cli, make_config
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for_text, wait_until
 from tests.backends import free_port
 from tests.wire import Client
 
@@ -74,7 +74,7 @@ def test_daemon_warns_when_it_serves_as_root(tmp_path, dovecot):
         process, port = start_daemon(tmp_path, dovecot.port, **settings)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
-        log = process.stderr.read()
+        log = (tmp_path / 'proxy.log').read_text()
         assert ('WARNING running as root: proc_username is not set' in log) == warned, log
         assert ('privileges dropped: user=nobody' in log) == (not warned), log
 
@@ -111,16 +111,15 @@ def test_started_as_proc_username_already(tmp_path, pymap):
     process = subprocess.Popen([sys.executable, BIN, '-c', ini], cwd=REPO,
                                preexec_fn=as_nobody, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 15
-        while True:
+        def serves() -> bool:
             try:
                 with Client(port) as client:
                     assert client.login('demouser', 'demopass').startswith(b'L1 OK')
-                break
             except OSError:
                 assert process.poll() is None, process.stderr.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+                return False
+            return True
+        wait_until(serves, 'the proxy to serve a login on port %d' % port, 15)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
@@ -145,24 +144,35 @@ def test_check_good_and_bad_config(tmp_path):
     assert result.returncode == 1 and 'cache_size' in result.stderr
 
 
+def accepts(port: int) -> bool:
+    """Whether a connection to 127.0.0.1:`port` is accepted and greeted."""
+    try:
+        Client(port).close()
+    except OSError:
+        return False
+    return True
+
+
 def start_daemon(tmp_path, backend_port, **settings):
+    """bin/gimapproxy with tmp_path/proxy.ini, its log (stderr) going to tmp_path/proxy.log,
+    so that a test can wait for a line in it. Returns (process, port) once it accepts."""
     port = free_port()
     ini = tmp_path / 'proxy.ini'
     values = {'listen_port': port, 'server_hostname': '127.0.0.1',
               'server_port': backend_port, 'shutdown_timeout': 3, **settings}
     ini.write_text('[gimapproxy]\n' + ''.join('%s = %s\n' % item for item in values.items()))
-    process = subprocess.Popen([sys.executable, BIN, '-c', str(ini)], cwd=REPO,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            Client(port).close()
-            return process, port
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError('proxy did not start: %s' % process.stderr.read())
-            time.sleep(0.05)
+    with open(tmp_path / 'proxy.log', 'wb') as log:
+        process = subprocess.Popen([sys.executable, BIN, '-c', str(ini)], cwd=REPO,
+                                   stderr=log)
+    try:
+        wait_until(lambda: process.poll() is not None or accepts(port),
+                   'the proxy to accept on port %d' % port, 15)
+        assert process.poll() is None, 'exited with status %d' % process.returncode
+    except AssertionError as exc:
+        process.kill()
+        raise RuntimeError('proxy did not start: %s\n%s'
+                           % (exc, (tmp_path / 'proxy.log').read_text())) from None
+    return process, port
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
@@ -176,7 +186,7 @@ def test_signal_drains_and_exits_zero(tmp_path, dovecot, signum):
         busy = Client(port)
         assert busy.login(user, password).startswith(b'L1 OK')
         process.send_signal(signum)
-        time.sleep(0.3)
+        wait_for_text(tmp_path / 'proxy.log', 'stopping: ')
         # The open session still works while the proxy drains...
         assert busy.command(b'a', b'NOOP')[1].startswith(b'a OK')
         busy.logout()
@@ -188,7 +198,7 @@ def test_signal_drains_and_exits_zero(tmp_path, dovecot, signum):
     finally:
         if process.poll() is None:
             process.kill()
-    log = process.stderr.read()
+    log = (tmp_path / 'proxy.log').read_text()
     assert 'signal received: signal=%s' % signal.Signals(signum).name in log
     assert 'stopped: cached connections logged out=1' in log
     assert 'Traceback' not in log
@@ -208,7 +218,7 @@ def test_shutdown_timeout_ends_idle_sessions(tmp_path, dovecot):
     finally:
         if process.poll() is None:
             process.kill()
-    log = process.stderr.read()
+    log = (tmp_path / 'proxy.log').read_text()
     assert 'reason=server shutdown' in log and 'Traceback' not in log
 
 
@@ -231,15 +241,28 @@ def test_import_patches_nothing_and_loads_no_socket_code():
 PROMETHEUS_PROBE = """
 from gevent import monkey
 monkey.patch_all()
-import sys, urllib.request
-import gevent
+import logging, sys, urllib.request
+from gevent.event import Event
 from gimapproxy import ProxyServer, make_config
+checked = Event()
+
+
+class Checked(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith('server check'):
+            checked.set()
+
+
+log = logging.getLogger('gimapproxy')
+log.setLevel(logging.INFO)
+log.addHandler(Checked())
 settings = {'listen_port': '0', 'server_hostname': '127.0.0.1', 'server_port': '%d'}
 if %r:
     settings['stats_listen'] = '127.0.0.1:%d'
 server = ProxyServer(make_config(settings))
 server.start()
-gevent.sleep(0.2)
+# What start() left running has run: the server check it spawned logged its result.
+assert checked.wait(10), 'no server check logged'
 print('started', 'prometheus_client' in sys.modules)
 if %r:
     urllib.request.urlopen('http://127.0.0.1:%d/metrics', timeout=10).read()

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import gevent
@@ -18,7 +17,7 @@ from gevent.pywsgi import WSGIServer
 from gimapproxy import ProxyServer, make_config
 from gimapproxy.wsgi import make_app
 from tests.backends import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.test_cli import start_daemon
 from tests.wire import Client
 
@@ -37,11 +36,10 @@ def login_logout(port, user, password):
         client.logout()
 
 
-def wait_for(condition, what, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        gevent.sleep(0.01)
+def cached(port, prefix=''):
+    """How many server connections the proxy whose stats are on `port` (under `prefix`)
+    has cached."""
+    return json.loads(get(port, prefix + '/stats'))['backend_connections']['cached']
 
 
 def host_app(proxy_app):
@@ -75,7 +73,7 @@ def test_guest_in_a_gevent_wsgi_host(dovecot):
         assert get(web.server_port, '/') == b'the host application\n'
         before = dovecot.server.login_count(user)
         login_logout(proxy.server_port, user, password)
-        wait_for(lambda: proxy.cache.cached_count == 1, 'connection not cached')
+        wait_until(lambda: proxy.cache.cached_count == 1, 'the connection to be cached')
         login_logout(proxy.server_port, user, password)
         assert json.loads(get(web.server_port, '/proxy/stats'))['logins'] == {
             'new': 1, 'reused': 1, 'failed': 0, 'failed_by_reason': {}}
@@ -83,7 +81,7 @@ def test_guest_in_a_gevent_wsgi_host(dovecot):
         changed, restart = proxy.reload(make_config(dict(settings,
                                                          cache_expiration_time='600')))
         assert (changed, restart) == (['cache_expiration_time'], [])
-        wait_for(lambda: proxy.cache.cached_count == 1, 'connection not cached')
+        wait_until(lambda: proxy.cache.cached_count == 1, 'the connection to be cached')
         login_logout(proxy.server_port, user, password)      # the cache outlives a reload
         assert proxy.stats()['logins']['reused'] == 2
         assert dovecot.server.wait_login_count(before + 1, user=user) == before + 1
@@ -119,7 +117,7 @@ def test_embedding_example_serves_reloads_and_stops(tmp_path, dovecot):
         assert get(http_port, '/') == b'the host application\n'
         for _ in range(2):
             login_logout(imap_port, user, password)
-            time.sleep(0.2)                        # the reset that caches it
+            wait_until(lambda: cached(http_port, '/proxy') == 1, 'the connection to be cached')
         assert json.loads(get(http_port, '/proxy/stats'))['logins']['reused'] == 1
         ini.write_text(text + 'cache_expiration_time = 600\n')
         process.send_signal(signal.SIGHUP)
@@ -139,17 +137,19 @@ def test_bin_serves_a_reused_login(tmp_path, dovecot):
     """bin/gimapproxy on this Python and gevent: two logins, one server login."""
     user, password = dovecot.users[17]
     before = dovecot.server.login_count(user)
-    process, port = start_daemon(tmp_path, dovecot.port)
+    stats_port = free_port()
+    process, port = start_daemon(tmp_path, dovecot.port,
+                                 stats_listen='127.0.0.1:%d' % stats_port)
     try:
         for _ in range(2):
             login_logout(port, user, password)
-            time.sleep(0.2)                        # the reset that caches it
+            wait_until(lambda: cached(stats_port) == 1, 'the connection to be cached')
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
         if process.poll() is None:
             process.kill()
-    log = process.stderr.read()
+    log = (tmp_path / 'proxy.log').read_text()
     assert 'result=new' in log and 'result=reused' in log, log
     assert 'Traceback' not in log
     dovecot.server.settled_login_count()

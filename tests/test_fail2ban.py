@@ -7,12 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.backends import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 
 FILTER = os.path.join(REPO, 'etc', 'fail2ban', 'filter.d', 'gimapproxy.conf')
 JAIL = os.path.join(REPO, 'etc', 'fail2ban', 'jail.d', 'gimapproxy.conf.example')
@@ -39,12 +38,17 @@ def start_proxy(tmp_path, listen_address, backend_port):
     with open(log_path, 'wb') as log:
         process = subprocess.Popen([sys.executable, BIN, '-c', str(ini)], cwd=REPO,
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    deadline = time.monotonic() + 15
-    while ' listening: ' not in log_path.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError('proxy did not start: %s' % log_path.read_text())
-        time.sleep(0.05)
+
+    def listening() -> bool:
+        return ' listening: ' in log_path.read_text()
+    try:
+        wait_until(lambda: process.poll() is not None or listening(),
+                   'the proxy to log that it listens', 15)
+        assert process.poll() is None, 'exited with status %d' % process.returncode
+    except AssertionError as exc:
+        process.kill()
+        raise RuntimeError('proxy did not start: %s\n%s'
+                           % (exc, log_path.read_text())) from None
     return process, port, log_path
 
 

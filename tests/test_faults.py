@@ -7,8 +7,9 @@ import time
 import gevent
 import greenlet
 
+from gimapproxy.cache import State
 from tests.backends import free_port
-from tests.conftest import Backend, start_proxy, wait_cached
+from tests.conftest import Backend, start_proxy, wait_cached, wait_until
 from tests.fakeimap import FakeImap
 from tests.wire import Client
 
@@ -26,7 +27,7 @@ def test_server_down_at_start_then_back(proxy_log):
     port = free_port()
     proxy = start_proxy(Backend('fake', FakeImap({}, port=port)), connect_timeout=1)
     try:
-        gevent.sleep(0.2)
+        proxy_log.wait_for('server check failed:')
         assert any(line.startswith('server check failed:') for line in proxy_log.lines)
         with Client(proxy.server_port) as client:
             started = time.monotonic()
@@ -54,9 +55,7 @@ def test_server_restart_while_connections_are_cached():
         wait_cached(proxy, 1)
         fake.stop()                                        # the cached connection dies
         fake = FakeImap({}, port=port).start()
-        with gevent.Timeout(5):
-            while proxy.cache.total:
-                gevent.sleep(0.02)
+        wait_until(lambda: not proxy.cache.total, 'the dead cached connection to be closed')
         with Client(proxy.server_port) as client:          # no error for the client
             assert client.login('u', 'p').startswith(b'L1 OK')
             assert client.command(b'a', b'NOOP')[1].startswith(b'a OK')
@@ -65,11 +64,12 @@ def test_server_restart_while_connections_are_cached():
         fake.stop()
 
 
-def test_server_that_never_greets_is_bounded_and_leaks_nothing():
+def test_server_that_never_greets_is_bounded_and_leaks_nothing(proxy_log):
     fake = FakeImap({}, greeting=None).start()
     proxy = start_proxy(Backend('fake', fake), connect_timeout=0.5)
     try:
-        gevent.sleep(1)                                    # the start-up check is done
+        proxy_log.wait_for('server check failed:')        # the start-up check is done
+        wait_until(lambda: not fake.socks, 'the fake server to see the check go')
         gc.collect()
         greenlets, fds = live_greenlets(), open_fds()
         for _ in range(3):
@@ -77,7 +77,8 @@ def test_server_that_never_greets_is_bounded_and_leaks_nothing():
                 started = time.monotonic()
                 assert client.login('u', 'p').startswith(b'L1 NO [UNAVAILABLE]')
                 assert time.monotonic() - started < 2
-        gevent.sleep(0.5)
+        wait_until(lambda: not len(proxy.pool) and not fake.socks,
+                   'the sessions and their server connections to end')
         gc.collect()
         assert live_greenlets() <= greenlets and open_fds() <= fds
         assert proxy.cache.total == 0
@@ -136,6 +137,8 @@ def test_hostile_clients_do_not_disturb_a_good_one(pymap):
                 assert client.login('demouser', 'demopass').startswith(b'L1 OK')
                 client.logout()
             slowest = max(slowest, time.monotonic() - started)
+            # A pause, not a wait: it paces the good logins while the hostile clients
+            # run, so that they measure the proxy under attack rather than load it.
             gevent.sleep(0.05)
         gevent.joinall(workers, timeout=30)
         assert len(hostile_done) == 100                  # 1,000 malformed inputs sent
@@ -180,34 +183,40 @@ def test_secrets_never_logged_on_any_login_error(proxy_log):
     assert text.count('login failed:') == 2 * len(scripts)
 
 
-def test_client_half_close_at_every_step_no_spin_no_leak(pymap):
+def test_client_half_close_at_every_step_no_spin_no_leak(pymap, proxy_log):
     import resource
     import socket
     proxy = start_proxy(pymap)
+    # What the client sends, and the start of the reply that shows the proxy got there.
     steps = [
-        b'',                                              # right after the greeting
-        b'a LOGIN {8}\r\n',                               # inside a LOGIN literal
-        b'a LOGIN demouser demopass\r\n',                  # logged in
-        b'a LOGIN demouser demopass\r\nb SELECT INBOX\r\nc IDLE\r\n',          # in IDLE
-        b'a LOGIN demouser demopass\r\nb APPEND INBOX {50}\r\nhalf',           # in a literal
+        (b'', None),                                      # right after the greeting
+        (b'a LOGIN {8}\r\n', b'+'),                        # inside a LOGIN literal
+        (b'a LOGIN demouser demopass\r\n', b'a OK'),       # logged in
+        (b'a LOGIN demouser demopass\r\nb SELECT INBOX\r\nc IDLE\r\n', b'+'),    # in IDLE
+        (b'a LOGIN demouser demopass\r\nb APPEND INBOX {50}\r\nhalf', b'+'),     # in a literal
     ]
     try:
-        gevent.sleep(0.3)
+        proxy_log.wait_for('server check: server=')      # the start-up check is done
         gc.collect()
         greenlets, fds = live_greenlets(), open_fds()
-        for data in steps:
+        for data, reached in steps:
             with Client(proxy.server_port) as client:
                 client.send(data)
-                gevent.sleep(0.2)
+                while reached is not None and not client.readline().startswith(reached):
+                    pass
                 before = resource.getrusage(resource.RUSAGE_SELF)
                 client.sock.shutdown(socket.SHUT_WR)          # half-close
                 client.sock.settimeout(5)
                 client.read_eof()                             # the proxy closes too
+                # Time for a spin to show: a proxy that loops on the closed socket burns
+                # CPU while this passes. There is no event for a spin that never starts.
                 gevent.sleep(0.5)
                 after = resource.getrusage(resource.RUSAGE_SELF)
                 spent = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
                 assert spent < 0.3, 'the proxy spun for %.2fs after a half-close' % spent
-        gevent.sleep(0.5)
+        wait_until(lambda: not len(proxy.pool) and not proxy.cache.count(State.CLOSING)
+                   and proxy.cache.total == proxy.cache.cached_count,
+                   'every session to end and its connection to be cached or closed')
         gc.collect()
         assert live_greenlets() <= greenlets and open_fds() <= fds + 1   # + one cached
     finally:
@@ -228,9 +237,8 @@ def test_server_that_stalls_mid_response_is_bounded():
             data = client.read_eof()
             assert data.startswith(b'* 1 FETCH (BODY[] {100}\r\nonly part')
             assert time.monotonic() - started < 8
-        with gevent.Timeout(15):
-            while proxy.cache.total or len(proxy.pool):
-                gevent.sleep(0.1)
+        wait_until(lambda: not proxy.cache.total and not len(proxy.pool),
+                   'the session to end and its server connection to be closed', 15)
     finally:
         proxy.stop(2)
         fake.stop()
@@ -241,7 +249,7 @@ def test_logout_is_answered_before_the_reset_and_the_next_login_waits_for_it():
     it; the same user's next login, right behind, waits for that reset and gets the
     connection: no second server login."""
     def slow_noop(tag):
-        gevent.sleep(1.0)
+        gevent.sleep(1.0)                  # the scripted server's slow answer, on purpose
         return tag + b' OK done\r\n'
     fake = FakeImap({b'NOOP': slow_noop}).start()
     proxy = start_proxy(Backend('fake', fake))

@@ -5,12 +5,12 @@ the same user. Every test runs twice in a row against one running proxy per serv
 second run starts on the connections the first one cached.
 """
 import re
-import time
 
 import gevent
 import pytest
 
-from tests.conftest import start_proxy, wait_cached
+from tests.conftest import start_proxy, wait_cached, wait_until
+from tests.transcript import wait_settled
 from tests.wire import Client
 
 ROUNDS = pytest.mark.parametrize('round_', [1, 2])
@@ -54,17 +54,13 @@ def assert_fresh(client, backend):
     assert not [line for line in lines if _FOREIGN_TAGGED.match(line)]
 
 
-def settle():
-    gevent.sleep(0.3)     # let the proxy finish with a departed client
-
-
 @ROUNDS
 def test_selected_mailbox_after_eof(iso, round_):
     backend, proxy = iso
     user, password = account(backend, 3)
     with session(proxy, user, password) as client:
         assert client.command(b'a', b'SELECT INBOX')[1].startswith(b'a OK')
-    settle()
+    wait_settled(proxy, user)          # the proxy is done with the departed client
     before = backend.settled_logins()
     with session(proxy, user, password) as client:
         assert_fresh(client, backend)
@@ -125,6 +121,8 @@ def test_notify_set(iso, round_):
         # Another session makes news that NOTIFY would report to the first one.
         other.command(b'x', b'CREATE notify-test-%d' % round_)
         other.command(b'y', b'DELETE notify-test-%d' % round_)
+        # Time for that news to come: what NOTIFY sends comes on its own, not as an
+        # answer, and no event marks that none is coming.
         gevent.sleep(0.2)
         lines, tagged = client.command(b'b', b'NOOP')
         assert tagged.startswith(b'b OK') and lines == [], lines
@@ -139,7 +137,7 @@ def test_idle_then_eof(iso, round_):
         client.command(b'a', b'SELECT INBOX')
         client.send(b'b IDLE\r\n')
         assert client.readline().startswith(b'+')
-    settle()
+    wait_settled(proxy, user)          # the proxy is done with the departed client
     before = backend.settled_logins()
     with session(proxy, user, password) as client:
         assert_fresh(client, backend)
@@ -163,7 +161,7 @@ def test_eof_in_the_middle_of_a_big_fetch(iso, round_):
             found = client.command(b'd', b'SEARCH SUBJECT big')[0][0].split()[2:]
         client.send(b'e FETCH %s BODY.PEEK[]\r\n' % found[0])
         assert client.sock.recv(65536)               # the data is flowing; now vanish
-    settle()
+    wait_settled(proxy, user)          # the proxy is done with the departed client
     before = backend.settled_logins()
     with session(proxy, user, password) as client:
         assert_fresh(client, backend)
@@ -181,7 +179,7 @@ def test_eof_in_the_middle_of_an_append_literal(iso, round_):
         client.send(b'b APPEND INBOX {1000}\r\n')
         assert client.readline().startswith(b'+')
         client.send(b'c NOOP\r\n' * 30)             # 240 of the 1000 bytes, then vanish
-    settle()
+    wait_settled(proxy, user)          # the proxy is done with the departed client
     with session(proxy, user, password) as client:
         assert_fresh(client, backend)
         lines = client.command(b'd', b'SELECT INBOX')[0]
@@ -259,9 +257,7 @@ def test_password_change_on_the_server(dovecot, special_proxy, proxy_log, round_
             client.logout()
         # ...which closed the connection made with the old password, in the
         # background.
-        with gevent.Timeout(5):
-            while not any('reason=password changed' in line for line in proxy_log.lines):
-                gevent.sleep(0.02)
+        proxy_log.wait_for('reason=password changed')
         with Client(proxy.server_port) as client:
             assert client.login(user, 'secret13').startswith(b'L1 NO [AUTHENTICATIONFAILED]')
     finally:
@@ -272,13 +268,15 @@ def test_password_change_on_the_server(dovecot, special_proxy, proxy_log, round_
 def test_max_auth_age(dovecot, special_proxy, round_):
     proxy = special_proxy(max_auth_age=1)
     user, password = dovecot.users[13]
-    gevent.sleep(1.1)                  # what an earlier round cached is too old now
+    # max_auth_age must pass: what an earlier round cached is too old now.
+    gevent.sleep(1.1)
     before = dovecot.logins()
     for _ in range(3):                 # reuse within the age: one server login
         with session(proxy, user, password) as client:
             client.logout()
     assert dovecot.wait_logins(before + 1) == before + 1
-    gevent.sleep(1.1)                  # reuse did not extend it
+    # It must pass again: reuse did not extend it, so the next login is a new one.
+    gevent.sleep(1.1)
     with session(proxy, user, password) as client:
         client.logout()
     assert dovecot.wait_logins(before + 2) == before + 2
@@ -301,14 +299,9 @@ def test_per_user_cap(dovecot, special_proxy, proxy_log, round_):
         third.logout()
     active.logout()
     active.close()
-    deadline = time.monotonic() + 5      # the evicted connection logs out in the background
-    while not any('reason=evicted: user limit' in line for line in proxy_log.lines):
-        assert time.monotonic() < deadline, 'no eviction in the log'
-        time.sleep(0.05)
+    proxy_log.wait_for('reason=evicted: user limit')  # it logs out in the background
     # The next round starts once this one's connections are reset and cached.
-    while any(row['active'] for row in proxy.cache.listing() if row['user'] == user):
-        assert time.monotonic() < deadline, 'connections still in use'
-        time.sleep(0.05)
+    wait_settled(proxy, user)
 
 
 def test_reuse_code_when_configured(dovecot):
@@ -344,9 +337,7 @@ def test_reply_to_a_tag_never_sent_is_relayed_and_the_connection_not_reused(prox
             # Not clean: the LOGOUT goes to the server, which answers it.
             lines, tagged = client.command(b'c', b'LOGOUT')
             assert lines == [b'* BYE bye\r\n'] and tagged == b'c OK done\r\n'
-        with gevent.Timeout(5):
-            while proxy.cache.total:
-                gevent.sleep(0.02)
+        wait_until(lambda: not proxy.cache.total, 'the connection to be closed')
         assert any('not reusable after' in line
                    and 'server ran a command the proxy did not frame' in line
                    for line in proxy_log.lines)
@@ -366,10 +357,8 @@ def test_identity_change_is_never_cached(iso, round_, proxy_log):
         client.command(b'a', b'LOGIN "%s" "%s"' % (user.encode(), password.encode()))
         client.logout()
     # The server answers that LOGOUT itself: the connection is closed, never cached.
-    with gevent.Timeout(5, AssertionError('no close line')):
-        while not any('not reusable after' in line and 'unknown command: LOGIN' in line
-                      for line in proxy_log.lines):
-            gevent.sleep(0.02)
+    wait_until(lambda: any('not reusable after' in line and 'unknown command: LOGIN' in line
+                           for line in proxy_log.lines), 'the close line')
 
 
 def test_relayed_capabilities_are_filtered(iso):

@@ -1,10 +1,9 @@
 """Limits before and after login, with real sockets."""
 import time
 
-import gevent
 import pytest
 
-from tests.conftest import start_proxy
+from tests.conftest import start_proxy, wait_until
 from tests.wire import Client
 
 
@@ -15,7 +14,7 @@ def test_max_clients_refuses_with_bye_and_keeps_listening(make_proxy):
         assert third.greeting == b'* BYE Too many connections, try again later.\r\n'
         assert third.read_eof() == b''
     first.close()
-    gevent.sleep(0.2)
+    wait_until(lambda: len(proxy.pool) == 1, "the first client's session to end")
     with Client(proxy.server_port) as fourth:          # a slot is free again
         assert fourth.greeting.startswith(b'* OK')
     second.close()

@@ -12,8 +12,10 @@ import urllib.request
 
 import pytest
 
+from gimapproxy.cache import State
 from tests.backends import free_port
-from tests.conftest import REPO, start_proxy, wait_cached
+from tests.conftest import REPO, start_proxy, wait_cached, wait_for_text, wait_until
+from tests.transcript import wait_settled
 from tests.test_cli import BIN, start_daemon
 from tests.wire import Client
 
@@ -77,7 +79,10 @@ def test_stats_json_and_the_stats_command(stats_proxy, tmp_path):
         client.logout()
     with Client(stats_proxy.server_port) as client:
         client.login('demouser', 'wrongpass')
-    time.sleep(0.3)
+    numbers = stats_proxy.stats
+    wait_until(lambda: numbers()['backend_connections']['not_reusable_by_reason']
+               and numbers()['logins']['failed_by_reason'],
+               'the unclean close and the refused login to be counted')
     result = subprocess.run([sys.executable, BIN, 'stats', '-c', str(ini)], timeout=30,
                             capture_output=True, text=True)
     assert re.search(r'not reusable: unknown command\s+1\n', result.stdout), result.stdout
@@ -142,7 +147,7 @@ def test_admin_refused_outside_admin_networks(pymap):
 
 def test_sighup_reloads_without_dropping_sessions(tmp_path, pymap):
     process, port = start_daemon(tmp_path, pymap.port, cache_expiration_time=300)
-    ini = tmp_path / 'proxy.ini'
+    ini, log_path = tmp_path / 'proxy.ini', tmp_path / 'proxy.log'
     try:
         session = Client(port)
         assert session.login('demouser', 'demopass').startswith(b'L1 OK')
@@ -150,11 +155,11 @@ def test_sighup_reloads_without_dropping_sessions(tmp_path, pymap):
         ini.write_text(text.replace('cache_expiration_time = 300', 'cache_expiration_time = 60')
                        .replace('listen_port = %d' % port, 'listen_port = %d' % free_port()))
         process.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        wait_for_text(log_path, 'reloaded: file=')
         assert session.command(b'a', b'NOOP')[1].startswith(b'a OK')   # still there
         ini.write_text(text + 'cache_size = lots\n')
         process.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        wait_for_text(log_path, 'reload failed')
         with Client(port) as other:                                    # old port still
             assert other.login('demouser', 'demopass').startswith(b'L1 OK')
         session.logout()
@@ -164,7 +169,7 @@ def test_sighup_reloads_without_dropping_sessions(tmp_path, pymap):
     finally:
         if process.poll() is None:
             process.kill()
-    log = process.stderr.read()
+    log = log_path.read_text()
     assert 'reloaded: file=%s changed=cache_expiration_time' % ini in log, log
     assert 'need a restart to take effect: keys=listen_port' in log
     assert 'reload failed, configuration unchanged' in log and 'cache_size' in log
@@ -176,7 +181,7 @@ def test_second_sigterm_exits_at_once(tmp_path, pymap):
         busy = Client(port)
         busy.login('demouser', 'demopass')
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        wait_for_text(tmp_path / 'proxy.log', 'signal received: ')
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
@@ -185,7 +190,7 @@ def test_second_sigterm_exits_at_once(tmp_path, pymap):
     finally:
         if process.poll() is None:
             process.kill()
-    assert 'second signal: exiting at once' in process.stderr.read()
+    assert 'second signal: exiting at once' in (tmp_path / 'proxy.log').read_text()
 
 
 def test_trace_users_masks_secrets(pymap, proxy_log):
@@ -231,7 +236,7 @@ def test_privilege_drop(tmp_path, pymap):
     finally:
         if process.poll() is None:
             process.kill()
-    assert 'privileges dropped: user=nobody uid=65534' in process.stderr.read()
+    assert 'privileges dropped: user=nobody uid=65534' in (tmp_path / 'proxy.log').read_text()
     bad = tmp_path / 'root.ini'
     bad.write_text('[gimapproxy]\nserver_hostname = x\nproc_username = root\n')
     result = subprocess.run([sys.executable, BIN, '-c', str(bad), '--check'],
@@ -293,7 +298,7 @@ def test_backend_counters_add_up_at_every_moment(dovecot):
     def sampler():
         while True:
             check()
-            gevent.sleep(0.001)
+            gevent.sleep(0.001)            # a pause between samples, not a wait for one
 
     watcher = gevent.spawn(sampler)
     (user, password), (other, _) = dovecot.users[16], dovecot.users[17]
@@ -309,7 +314,9 @@ def test_backend_counters_add_up_at_every_moment(dovecot):
         with Client(proxy.server_port) as client:               # cut off mid-session
             client.login(user, password)
             client.send(b'a FETCH 1:* (FLAGS)\r\n')
-        gevent.sleep(0.3)
+        wait_settled(proxy, user)
+        wait_until(lambda: not proxy.cache.count(State.CLOSING),
+                   'the LOGOUTs of the connections not cached to end')
     finally:
         watcher.kill()
         proxy.stop(2)

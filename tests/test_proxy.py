@@ -5,7 +5,8 @@ import re
 import gevent
 import pytest
 
-from tests.conftest import start_proxy, wait_cached
+from tests.conftest import start_proxy, wait_cached, wait_until
+from tests.transcript import wait_settled
 from tests.wire import Client
 
 
@@ -57,8 +58,7 @@ def test_second_login_reuses_the_server_connection(backend, proxy, proxy_log):
             assert client.command(b'a', b'SELECT INBOX')[1].startswith(b'a OK')
             client.logout()
     assert backend.wait_logins(before + 1) == before + 1
-    gevent.sleep(0.3)
-    assert backend.logins() == before + 1, 'the server saw more than one login'
+    assert backend.settled_logins() == before + 1, 'the server saw more than one login'
     results = [line for line in proxy_log.lines if line.startswith('login: ')]
     assert [re.search('result=(\\w+)', line).group(1) for line in results] == \
         ['new'] + ['reused'] * 4
@@ -78,8 +78,7 @@ def test_wrong_password_gets_the_servers_no_and_keeps_the_cache(backend, proxy):
         assert client.command(b'b', b'SELECT INBOX')[1].startswith(b'b BAD')
         assert client.login(user, password, b'c').startswith(b'c OK')    # reuse
         client.logout()
-    gevent.sleep(0.3)
-    assert backend.logins() == before
+    assert backend.settled_logins() == before
 
 
 def test_concurrent_logins_get_different_connections(backend, proxy, proxy_log):
@@ -107,7 +106,7 @@ def test_selected_mailbox_does_not_follow_into_the_next_session(backend, proxy, 
         assert client.command(b'a', b'SELECT INBOX')[1].startswith(b'a OK')
         if leave == 'logout':
             client.logout()
-    gevent.sleep(0.2)
+    wait_settled(proxy, user)
     before = backend.settled_logins()
     with connect(proxy) as client:
         client.login(user, password)
@@ -272,9 +271,7 @@ def test_expiry_closes_idle_connections(backend, make_proxy):
         client.login(user, password)
         client.logout()
     wait_cached(proxy, 1)
-    with gevent.Timeout(5):
-        while proxy.cache.total:
-            gevent.sleep(0.05)
+    wait_until(lambda: not proxy.cache.total, 'the cached connection to expire')
     assert proxy.counters['expired'] == 1
     with connect(proxy) as client:
         assert client.login(user, password).startswith(b'L1 OK')
@@ -329,9 +326,7 @@ def test_doubtful_connections_are_closed_not_cached(dovecot, proxy_log, leave_wi
                 client.read_until_tagged(b'b')
             else:
                 client.readline()                        # "+ OK" / "+ idling"
-        with gevent.Timeout(5):
-            while proxy.cache.total:
-                gevent.sleep(0.05)
+        wait_until(lambda: not proxy.cache.total, 'the connection to be closed')
         assert any('backend closed:' in line and 'not reusable' in line
                    for line in proxy_log.lines)
         with connect(proxy) as client:                   # the next login starts fresh
@@ -366,9 +361,7 @@ def test_cached_connection_dropped_when_server_goes_away():
                 client.logout()
             wait_cached(proxy, 1)
             server.stop()                                # EOF on the cached connection
-            with gevent.Timeout(5):
-                while proxy.cache.total:
-                    gevent.sleep(0.05)
+            wait_until(lambda: not proxy.cache.total, 'the dead connection to be closed')
             assert proxy.counters['cached_died'] == 1
         finally:
             proxy.stop(2)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from gimapproxy.proxyproto import (NEED_MORE, V1_MAX_LENGTH, V2_MAX_LENGTH, V2_SIGNATURE,
                                    HeaderError, NeedMore, ProxyHeader, parse_header)
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, free_port, require_dovecot
-from tests.conftest import Backend, start_proxy
+from tests.conftest import Backend, start_proxy, wait_until
 from tests.wire import Client
 
 SPLITS = [1, 2, 3, 7]
@@ -269,6 +269,8 @@ class ProxiedClient(Client):
         for start in range(0, len(header), step or len(header) or 1):
             self.sock.sendall(header[start:start + (step or len(header))])
             if step:
+                # A pause, so that each piece comes in a read of its own: the proxy must
+                # put the header together across reads.
                 gevent.sleep(0.002)
         self.buf = b''
         self.greeting = self.readline()
@@ -293,13 +295,13 @@ def refused(port, data, source='', timeout=10.0) -> bytes:
 
 def wait_line(proxy_log, pattern: str, timeout: float = 5.0) -> str:
     """The first log line matching `pattern` (a regex), waiting for it to be logged."""
-    with gevent.Timeout(timeout, AssertionError('no log line %r in:\n%s'
-                                                % (pattern, '\n'.join(proxy_log.lines)))):
-        while True:
-            for line in proxy_log.lines:
-                if re.search(pattern, line):
-                    return line
-            gevent.sleep(0.01)
+    def first():
+        return next((line for line in proxy_log.lines if re.search(pattern, line)), None)
+    try:
+        wait_until(lambda: first() is not None, 'a log line %r' % pattern, timeout)
+    except AssertionError as exc:
+        raise AssertionError('%s in:\n%s' % (exc, '\n'.join(proxy_log.lines))) from None
+    return first()
 
 
 def session_lines(proxy_log, peer: str) -> dict:
@@ -422,7 +424,8 @@ def test_shutdown_while_waiting_for_a_header(rip_dovecot, proxy_log):
     with socket.create_connection(('127.0.0.1', proxy.server_port), timeout=10) as sock:
         sock.sendall(b'PROXY ')
         wait_line(proxy_log, r'^listening: ')
-        gevent.sleep(0.1)
+        # Once accepted, its session waits for the rest of the header.
+        wait_until(lambda: proxy.counters['clients'] == 1, 'the connection to be accepted')
         proxy.stop(0.2)
         assert sock.recv(100) == b''
     line = wait_line(proxy_log, r'^client refused: ')
@@ -551,16 +554,16 @@ def haproxy(tmp_path):
         process = subprocess.Popen([binary, '-f', str(cfg), '-db'], stdout=log,
                                    stderr=subprocess.STDOUT)
         started.append((process, log))
-        deadline = time.monotonic() + 10
+
+        def listening(port) -> bool:
+            assert process.poll() is None, (tmp_path / 'haproxy.log').read_text()
+            try:
+                socket.create_connection(('127.0.0.1', port), timeout=1).close()
+            except OSError:
+                return False
+            return True
         for port in (ports['v1_port'], ports['v2_port']):
-            while True:
-                assert process.poll() is None, (tmp_path / 'haproxy.log').read_text()
-                try:
-                    socket.create_connection(('127.0.0.1', port), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, 'haproxy did not listen on %d' % port
-                    gevent.sleep(0.05)
+            wait_until(lambda: listening(port), 'haproxy to listen on %d' % port, 10)
         return ports['v1_port'], ports['v2_port'], tmp_path / 'haproxy.log'
     yield start
     for process, log in started:
@@ -595,7 +598,8 @@ def test_real_haproxy_send_proxy_v1_and_v2(rip_dovecot, proxies, proxy_log, hapr
     assert re.search(r'peer=127\.0\.0\.1:(\d+) via=127\.0\.0\.1:\1 ', local), local
     cid = re.search(r'id=(c\d+)', local).group(1)
     wait_line(proxy_log, r'^client closed: id=%s reason=logout before login$' % cid)
-    gevent.sleep(0.5)                   # two more checks
+    # Time for two more health checks to run (inter 200ms), so that a failing one shows.
+    gevent.sleep(0.5)
     assert 'DOWN' not in output.read_text(), output.read_text()
     assert not any(line.startswith('client refused:') for line in proxy_log.lines)
 

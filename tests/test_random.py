@@ -134,6 +134,7 @@ class RandomClient:
                 b'x3 APPEND INBOX {500}\r\nhalf a message',
                 b'x4 NOOP\r\nx5 FETCH 1:5 (FLAGS)\r\n',
             ]))
+            # A random pause, so that the close lands at a random point of that command.
             gevent.sleep(self.rng.random() * 0.01)
 
 

@@ -10,7 +10,7 @@ import pytest
 from gimapproxy import duplex, relay
 from gimapproxy.duplex import RECV_SIZE
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, require_dovecot
-from tests.conftest import Backend, start_proxy, wait_cached
+from tests.conftest import Backend, start_proxy, wait_cached, wait_until
 from tests.fakeimap import FakeImap
 from tests.wire import Client
 
@@ -97,10 +97,13 @@ def test_client_that_stops_reading_is_cut_off(big, proxy_log, monkeypatch):
             client.command(b's', b'SELECT INBOX')
             client.send(b''.join(b'f%d FETCH 2 BODY.PEEK[]\r\n' % i for i in range(FETCHES)))
             started = time.monotonic()
-            with gevent.Timeout(15, AssertionError('the session was not ended')):
-                while len(proxy.pool):
-                    assert max(side.queued for side in sides) < relay.QUEUE_LIMIT + RECV_SIZE
-                    gevent.sleep(0.05)
+
+            def ended() -> bool:
+                if not len(proxy.pool):
+                    return True
+                assert max(side.queued for side in sides) < relay.QUEUE_LIMIT + RECV_SIZE
+                return False
+            wait_until(ended, 'the session to be ended', 15)
             assert 1 <= time.monotonic() - started
         wait_cached(proxy)
         assert 'reason=client gone: write failed: write timeout' in '\n'.join(proxy_log.lines)
@@ -122,6 +125,7 @@ def test_server_that_stops_reading_is_cut_off(proxy_log):
     """A server that stops reading in the middle of a session (a scripted fault): once
     the proxy's writes to it have made no progress for write_timeout, the client gets a
     BYE and the connection is closed, not cached."""
+    # STALL: the scripted server stops reading, on purpose, for longer than the test.
     fake = FakeImap({b'STALL': lambda tag: gevent.sleep(20) or b''}).start()
     proxy = start_proxy(Backend('fake', fake, []), write_timeout=1)
     try:
@@ -137,9 +141,7 @@ def test_server_that_stops_reading_is_cut_off(proxy_log):
                 except OSError:
                     pass                  # the proxy closed the connection
             writer = gevent.spawn(flood)
-            with gevent.Timeout(10, AssertionError('the session was not ended')):
-                while len(proxy.pool):
-                    gevent.sleep(0.05)
+            wait_until(lambda: not len(proxy.pool), 'the session to be ended', 10)
             assert 1 <= time.monotonic() - started
             writer.kill()
             # The BYE went out; whether the client reads it depends on its unread input

@@ -1,8 +1,6 @@
 """Several servers: each user sticks to one (rendezvous hashing) and fails over."""
-import gevent
-
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, require_dovecot
-from tests.conftest import start_proxy
+from tests.conftest import start_proxy, wait_until
 from tests.wire import Client
 
 
@@ -15,8 +13,11 @@ def test_users_stick_to_a_server_and_fail_over(dovecot):
         proxy = start_proxy(dovecot, server_hostname='127.0.0.1:%d 127.0.0.1:%d' % (a[1], b[1]),
                             connect_timeout=5)
         try:
+            # A server that failed is tried last for a while (the start-up check can
+            # meet a Dovecot that is still starting): wait until both are up again.
+            wait_until(lambda: {proxy.servers_for(user.encode())[0] for user, _ in users}
+                       == {a, b}, 'both servers up, the eight users hashed to both', 10)
             homes = {user: proxy.servers_for(user.encode())[0] for user, _ in users}
-            assert set(homes.values()) == {a, b}, 'eight users all hashed to one server'
             for user, password in users:
                 before = {first: first.login_count(user), second: second.login_count(user)}
                 for _ in range(2):                     # a new login, then a reuse
@@ -31,10 +32,10 @@ def test_users_stick_to_a_server_and_fail_over(dovecot):
             # The second server goes away: its users fail over to the first.
             moved = [(u, p) for u, p in users if homes[u] == b]
             second.stop()
-            with gevent.Timeout(5):
-                while any(entry for entry in proxy.cache.listing() if entry['user'] in
-                          dict(moved) and entry['cached_idle_seconds']):
-                    gevent.sleep(0.05)
+            wait_until(lambda: not any(entry for entry in proxy.cache.listing()
+                                       if entry['user'] in dict(moved)
+                                       and entry['cached_idle_seconds']),
+                       "the second server's cached connections to be closed")
             for user, password in moved:
                 with Client(proxy.server_port) as client:
                     assert client.login(user, password).startswith(b'L1 OK')

@@ -11,6 +11,7 @@ from gevent import socket
 from gimapproxy import duplex, sockio
 from gimapproxy.duplex import Side
 from gimapproxy.sockio import readable, recv_when_ready, send_all
+from tests.conftest import wait_until
 
 
 @pytest.fixture(params=['socket watcher', 'public'])
@@ -26,7 +27,8 @@ def gevent_api(request, monkeypatch):
 @pytest.fixture(params=['low', 'high'])
 def pair(request):
     """A connected gevent socket pair; 'high' puts one end above descriptor 1023, where
-    select() cannot go."""
+    select() cannot go. A socket pair hands bytes over in the send itself: what sendall
+    sent, or a close, is there to read when it returns, with no wait."""
     a, b = socket.socketpair()
     if request.param == 'high':
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -44,7 +46,6 @@ def test_readable_sees_data_and_eof(pair):
     a, b = pair
     assert not readable(a)
     b.sendall(b'x')
-    gevent.sleep(0.01)
     assert readable(a)
     assert a.recv(10) == b'x'
     assert not readable(a)
@@ -70,14 +71,16 @@ def test_recv_when_ready_waits_then_reads(pair, gevent_api):
 
 def test_recv_when_ready_is_woken_by_close(gevent_api):
     a, b = socket.socketpair()
+    reading = []
 
     def read():
+        reading.append(True)               # it waits from here on, as nothing comes
         try:
             return recv_when_ready(a, 100)
         except OSError as exc:
             return exc
     reader = gevent.spawn(read)
-    gevent.sleep(0.01)
+    wait_until(lambda: reading, 'the reader to wait')
     a.close()                              # in another greenlet: the wait ends
     assert isinstance(reader.get(timeout=2), OSError)
     with pytest.raises(OSError):
@@ -96,10 +99,8 @@ def test_side_reads_without_blocking(pair, gevent_api):
     try:
         assert side.recv() is None                 # nothing there: no wait
         b.sendall(b'hello')
-        gevent.sleep(0.01)
         assert side.recv() == b'hello'
         b.close()
-        gevent.sleep(0.01)
         assert side.recv() == b''                  # EOF
     finally:
         side.close()
@@ -134,7 +135,8 @@ def test_side_queues_what_the_socket_does_not_take(pair, gevent_api):
 
 def test_side_over_tls_retries_a_write_with_the_same_bytes(pki):
     """A TLS write the socket cannot take keeps the queue's first item as it is (OpenSSL
-    wants the same bytes again), and the bytes arrive whole and in order."""
+    wants the same bytes again), and the bytes arrive whole and in order. (Over a socket
+    pair, what the peer sent is there to read when its sendall returns.)"""
     left, right = socket.socketpair()
     server = gevent.spawn(pki.server_context().wrap_socket, right, server_side=True)
     client = pki.client_context(check_hostname=False).wrap_socket(left)
@@ -157,19 +159,16 @@ def test_side_over_tls_retries_a_write_with_the_same_bytes(pki):
         assert bytes(received) == first + second
         assert side.recv() is None
         peer.sendall(b'over tls')
-        gevent.sleep(0.05)
         assert side.recv() == b'over tls'
         # Many records at once come back in one read, up to RECV_SIZE.
         data = os.urandom(100000)
         peer.sendall(data)
-        gevent.sleep(0.05)
         first = side.recv()
         assert len(first) == duplex.RECV_SIZE and side.more(first)
         rest = side.recv()
         assert first + rest == data and not side.more(rest)
         assert side.recv() is None
         peer.close()
-        gevent.sleep(0.05)
         assert side.recv() == b''
     finally:
         side.close()

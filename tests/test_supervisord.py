@@ -17,7 +17,7 @@ import pytest
 
 from gimapproxy.config import KEYS
 from tests.backends import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for_text, wait_until
 from tests.wire import Client
 
 SHIPPED = os.path.join(REPO, 'etc', 'supervisord.conf')
@@ -83,18 +83,6 @@ def test_supervisord_accepts_the_several_processes_example(tmp_path):
     for program in programs:
         assert program.stopsignal == signal.SIGTERM
         assert program.stopwaitsecs == int(shipped_program()['stopwaitsecs'])
-
-
-def wait_for(predicate, what: str, timeout: float = TIMEOUT, interval: float = 0.1):
-    """Return predicate()'s first true value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail('timed out after %gs waiting for %s' % (timeout, what))
-        time.sleep(interval)
 
 
 def alive(pid: int) -> bool:
@@ -165,8 +153,8 @@ class Supervisor:
         return match.group(1) if match else ''
 
     def wait_state(self, state: str) -> None:
-        wait_for(lambda: self.state() == state, 'gimapproxy to be %s (now %s)'
-                 % (state, self.state()))
+        wait_until(lambda: self.state() == state, 'gimapproxy to be %s (now %s)'
+                   % (state, self.state()), TIMEOUT)
 
     def pid(self) -> int:
         """The program's PID (supervisorctl pid gimapproxy); 0 when it is not running."""
@@ -216,7 +204,7 @@ def wait_listening(port: int) -> None:
             return True
         except OSError:
             return False
-    wait_for(connects, 'the proxy to accept on port %d' % port)
+    wait_until(connects, 'the proxy to accept on port %d' % port, TIMEOUT)
 
 
 def test_supervisord_runs_the_shipped_program(tmp_path, pymap):
@@ -233,9 +221,9 @@ def test_supervisord_runs_the_shipped_program(tmp_path, pymap):
     supervisor = Supervisor(tmp_path, program)
     pids = []
     try:
-        wait_for(lambda: supervisor.process.poll() is not None or
-                 supervisor.ctl('status').returncode in (0, 3),
-                 'supervisord to answer')
+        wait_until(lambda: supervisor.process.poll() is not None or
+                   supervisor.ctl('status').returncode in (0, 3),
+                   'supervisord to answer', TIMEOUT)
         assert supervisor.process.poll() is None, supervisor.diagnostics()
 
         # autostart=true: supervisord starts it; running counts after startsecs.
@@ -258,8 +246,7 @@ def test_supervisord_runs_the_shipped_program(tmp_path, pymap):
              'stop', 'gimapproxy'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, text=True)
         try:
-            wait_for(lambda: 'signal received: signal=SIGTERM' in supervisor.text(
-                supervisor.program_log), 'the proxy to get SIGTERM')
+            wait_for_text(supervisor.program_log, 'signal received: signal=SIGTERM', TIMEOUT)
             assert busy.command(b'a', b'NOOP')[1].startswith(b'a OK')
             busy.logout()
             busy.close()
@@ -271,13 +258,12 @@ def test_supervisord_runs_the_shipped_program(tmp_path, pymap):
         assert 'gimapproxy: stopped' in output, output
         assert time.monotonic() - started < int(program['stopwaitsecs'])
         assert supervisor.state() == 'STOPPED'
-        wait_for(lambda: not alive(pids[-1]), 'pid %d to be gone' % pids[-1])
+        wait_until(lambda: not alive(pids[-1]), 'pid %d to be gone' % pids[-1], TIMEOUT)
         log = supervisor.text(supervisor.program_log)
         assert 'signal received: signal=SIGTERM' in log, supervisor.diagnostics()
         assert 'stopped: cached connections logged out=' in log, supervisor.diagnostics()
         assert 'Traceback' not in log and 'demopass' not in log, supervisor.diagnostics()
-        wait_for(lambda: 'stopped: gimapproxy (exit status 0)' in supervisor.text(
-            supervisor.log), 'supervisord to log the exit status')
+        wait_for_text(supervisor.log, 'stopped: gimapproxy (exit status 0)', TIMEOUT)
 
         # start again, by hand.
         result = supervisor.ctl('start', 'gimapproxy')
@@ -304,5 +290,5 @@ def test_supervisord_runs_the_shipped_program(tmp_path, pymap):
                 os.kill(pid, signal.SIGKILL)
     assert supervisor.process.returncode == 0
     for pid in pids:
-        wait_for(lambda: not alive(pid), 'pid %d to be gone after shutdown' % pid)
+        wait_until(lambda: not alive(pid), 'pid %d to be gone after shutdown' % pid, TIMEOUT)
     assert 'Traceback' not in supervisor.text(supervisor.program_log)

@@ -9,7 +9,6 @@ import json
 import time
 import urllib.request
 
-import gevent
 import pytest
 
 from tests.backends import free_port
@@ -96,9 +95,7 @@ def test_a_new_password_under_another_spelling_retires_the_old_one(dovecot, make
         dovecot.server.set_password(USER, 'changed1')
         with session(proxy, SHOUTED, 'changed1') as client:
             client.logout()
-        with gevent.Timeout(5):
-            while not any('reason=password changed' in line for line in proxy_log.lines):
-                gevent.sleep(0.02)
+        proxy_log.wait_for('reason=password changed')
         with Client(proxy.server_port) as client:
             assert client.login(USER, PASSWORD).startswith(b'L1 NO [AUTHENTICATIONFAILED]')
     finally:

@@ -17,10 +17,10 @@ import socket
 import time
 from typing import Optional
 
-import gevent
 import pytest
 
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot
+from tests.conftest import wait_until
 from tests.wire import Client
 
 # Each user gets this many messages: FETCH 1:3 needs three, and a small INBOX keeps the
@@ -218,9 +218,8 @@ def wait_settled(proxy, user: str, timeout: float = 5.0, baseline: int = 0) -> N
     session's connection is cached or closed, whatever the proxy decided.
 
     Raises AssertionError after `timeout` seconds."""
-    with gevent.Timeout(timeout, AssertionError('%s: a connection is still busy' % user)):
-        while busy(proxy, user) > baseline:
-            gevent.sleep(0.01)
+    wait_until(lambda: busy(proxy, user) <= baseline,
+               "%s's connections to be cached or closed" % user, timeout)
 
 
 _LOGIN_RESULT = re.compile(r'login: id=(\S+) user=(\S+) .*result=(\w+)')
