@@ -1,9 +1,10 @@
-"""Backend connections: the only module that writes to an IMAP server's socket.
+"""Backend connections: a server socket and the proxy's own commands on it.
 
 A BackendConnection connects, reads the greeting, runs the proxy's own commands with
-proxy-owned tags (the login's, in gimapproxy.login), carries a client session's bytes,
-resets itself for the next session and logs out. Every close has a reason; every wait
-has a deadline.
+proxy-owned tags (the login's, in gimapproxy.login), resets itself for the next session
+and logs out. After login a client session's bytes go through the relay
+(gimapproxy.relay, on gimapproxy.duplex's non-blocking sockets), which shares the
+connection's server-side framer. Every close has a reason; every wait has a deadline.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import gevent
 
@@ -31,6 +31,13 @@ from .logfmt import printable
 from .login import identify, login as login_as
 from .protocol import Response
 from .tracker import CONDSTORE, Tracker
+
+if TYPE_CHECKING:                    # for the annotations only: no import cycle
+    import ssl
+
+    from .config import ProxyConfig
+    from .stats import Stats
+    from .tls import BackendTLS
 
 __all__ = ['Lease', 'LoginFailed', 'Failure', 'ServerChoice', 'BackendPool']
 
@@ -95,13 +102,13 @@ class BackendPool:
     """What a session may use of the proxy, and nothing else. The server keeps one and
     replaces `config` and `backend_tls` on a reload; a session reads them when it
     starts."""
-    config: object                   # the ProxyConfig
+    config: ProxyConfig
     cache: ConnectionCache
     choice: ServerChoice
-    metrics: object                  # the Stats
+    metrics: Stats
     new_backend: Callable[[tuple], BackendConnection]
-    backend_tls: Optional[object] = None     # BackendTLS, when server_tls is on
-    client_tls: Optional[object] = None      # the SSLContext for clients, if any
+    backend_tls: Optional[BackendTLS] = None         # when server_tls is on
+    client_tls: Optional[ssl.SSLContext] = None      # when clients get TLS
 
 
 class Lease:

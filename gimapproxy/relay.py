@@ -63,6 +63,11 @@ class Phase(enum.Enum):
     ENDING = 'ending'
 
 
+# The loop tests its phase several times a turn: module names cost less than an enum's
+# attribute lookups.
+RELAYING, LOGGING_OUT, ENDING = Phase.RELAYING, Phase.LOGGING_OUT, Phase.ENDING
+
+
 class End:
     """How a relay ended: `side` (an EndedBy), `reason` for the log, and for LOGOUT the
     `tag` to answer it under."""
@@ -96,7 +101,7 @@ class Relay:
         self.timed_out = False             # idle_timeout passed: say BYE
         self.idle_timer = None
         self.local: list[bytes] = []  # the proxy's words, waiting for a response's end
-        self.phase = Phase.RELAYING
+        self.phase = RELAYING
         self.logout: Optional[Held] = None      # a LOGOUT waiting for earlier replies
         self.logout_deadline = 0.0
         self.ending: Optional[End] = None       # the End to return once the client
@@ -144,7 +149,7 @@ class Relay:
                 except OSError as exc:
                     end = self.client_gone(self.ending or End(
                         EndedBy.CLIENT, 'client gone: write failed: %s' % (exc.strerror or exc)))
-            if end is None and (self.phase is not Phase.RELAYING or self.timed_out
+            if end is None and (self.phase is not RELAYING or self.timed_out
                                 or client.stalled or server.stalled):
                 end = self.check_deadlines()
             if end is None and not io.ready and not (
@@ -187,10 +192,10 @@ class Relay:
         io = self.io
         sides = 0
         phase = self.phase
-        if (phase is Phase.RELAYING and io.server.queued < QUEUE_LIMIT
+        if (phase is RELAYING and io.server.queued < QUEUE_LIMIT
                 and self.tracker.framer.buffered < QUEUE_LIMIT):
             sides = CLIENT_IN
-        if (phase is not Phase.ENDING or self.local) and io.client.queued < QUEUE_LIMIT:
+        if (phase is not ENDING or self.local) and io.client.queued < QUEUE_LIMIT:
             sides |= SERVER_IN
         return sides
 
@@ -209,7 +214,7 @@ class Relay:
         want = (self.reading() | (CLIENT_OUT if client.queue else 0)
                 | (SERVER_OUT if server.queue else 0) | client.cross | server.cross)
         deadline = None
-        if client.stalled or server.stalled or self.phase is not Phase.RELAYING:
+        if client.stalled or server.stalled or self.phase is not RELAYING:
             times = [side.stalled + self.write_timeout
                      for side in (client, server) if side.stalled is not None]
             if self.logout is not None:
@@ -250,7 +255,7 @@ class Relay:
         """Feed client bytes to the tracker and queue what it frames for the server."""
         tracker = self.tracker
         tracker.feed(data)
-        while self.phase is Phase.RELAYING:
+        while self.phase is RELAYING:
             event = tracker.next_event()
             if event is None:
                 break
@@ -276,7 +281,7 @@ class Relay:
             pass
         elif held.kind is Hold.LOGOUT:
             # Answered once every earlier command has its reply: see check_logout.
-            self.logout, self.phase = held, Phase.LOGGING_OUT
+            self.logout, self.phase = held, LOGGING_OUT
             now = _monotonic()
             self.logout_deadline = now + LOGOUT_WAIT
             self.server_heard = now           # silence counts from the LOGOUT on
@@ -297,7 +302,7 @@ class Relay:
             if _monotonic() < self.logout_due():
                 return None
             tracker.doubt('no reply to commands pipelined before LOGOUT')
-        held, self.logout, self.phase = self.logout, None, Phase.RELAYING
+        held, self.logout, self.phase = self.logout, None, RELAYING
         if tracker.unclean is None:
             return End(EndedBy.LOGOUT, 'logout', held.tag)
         self.to_server(tracker.forward(held))
@@ -427,7 +432,7 @@ class Relay:
         reading the client, go on reading the server until its response in progress
         is whole, then send what the client is owed and return `end`, all within
         write_timeout."""
-        self.ending, self.phase = end, Phase.ENDING
+        self.ending, self.phase = end, ENDING
         self.ending_deadline = _monotonic() + self.write_timeout
         self.say(last_words)
 
@@ -459,6 +464,6 @@ class Relay:
             if not tracker.server_bye:
                 # The client must not wait for replies that will never come.
                 self.io.client.put(b'* BYE Server connection lost.\r\n')
-        self.ending, self.phase = end, Phase.ENDING
+        self.ending, self.phase = end, ENDING
         self.ending_deadline = _monotonic() + self.write_timeout
         self.logout = None

@@ -99,14 +99,16 @@ class Stats:
         logins = counters['login_new'] + counters['login_reused']
         return {
             'uptime_seconds': round(time.time() - self.started, 1),
-            'clients': {'current': self.clients(), 'total': counters['clients']},
+            'clients': {'current': self.clients(), 'total': counters['clients'],
+                        'refused': counters['clients_refused']},
             'logins': {'new': counters['login_new'], 'reused': counters['login_reused'],
                        'failed': counters['login_failed'],
                        'failed_by_reason': dict(self.refusals)},
             'cache_hit_ratio': round(counters['login_reused'] / logins, 4) if logins else 0.0,
             'backend_connections': dict(
                 self.states(), created=self.cache.created,
-                expired=counters['expired'], closed_by_reason=dict(self.closed),
+                expired=counters['expired'], died_while_cached=counters['cached_died'],
+                closed_by_reason=dict(self.closed),
                 not_reusable_by_reason=dict(self.unclean)),
             'bytes_relayed': {'client_to_server': counters['bytes_in'],
                               'server_to_client': counters['bytes_out']},
@@ -139,6 +141,9 @@ class Stats:
                                 'Client connections open now.', snap['clients']['current'])
         yield CounterMetricFamily('gimapproxy_client_connections',
                                   'Client connections accepted.', counters['clients'])
+        yield CounterMetricFamily('gimapproxy_client_connections_refused',
+                                  'Client connections refused at max_clients.',
+                                  counters['clients_refused'])
         logins = CounterMetricFamily('gimapproxy_logins', 'Logins by result.',
                                      labels=['result'])
         for result in ('new', 'reused', 'failed'):
@@ -155,6 +160,12 @@ class Stats:
         yield backends
         yield CounterMetricFamily('gimapproxy_backend_connections_created',
                                   'Server connections opened.', self.cache.created)
+        yield CounterMetricFamily('gimapproxy_backend_connections_expired',
+                                  'Cached server connections logged out by the sweep.',
+                                  counters['expired'])
+        yield CounterMetricFamily('gimapproxy_backend_connections_died_while_cached',
+                                  'Cached server connections the server closed or spoke '
+                                  'on.', counters['cached_died'])
         closed = CounterMetricFamily('gimapproxy_backend_connections_closed',
                                      'Server connections closed, by reason.',
                                      labels=['reason'])

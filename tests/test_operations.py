@@ -54,6 +54,10 @@ def test_metrics_in_prometheus_format(stats_proxy):
     assert 'gimapproxy_client_connections_total 2.0' in text
     assert 'gimapproxy_backend_connections{state="cached"} 1.0' in text
     assert 'gimapproxy_cache_hit_ratio 0.5' in text
+    # Every counter the proxy keeps is exported.
+    for name in ('client_connections_refused', 'backend_connections_expired',
+                 'backend_connections_died_while_cached'):
+        assert 'gimapproxy_%s_total 0.0' % name in text, name
     assert 'gimapproxy_login_seconds_bucket{le="+Inf",result="reused"} 1.0' in text
     assert re.search(r'gimapproxy_relayed_bytes_total\{direction="server_to_client"\} '
                      r'[1-9]', text)
@@ -64,6 +68,8 @@ def test_stats_json_and_the_stats_command(stats_proxy, tmp_path):
     stats = json.loads(http(stats_proxy.stats_port, '/stats')[2])
     assert stats['logins'] == {'new': 1, 'reused': 0, 'failed': 0, 'failed_by_reason': {}}
     assert stats['backend_connections']['cached'] == 1
+    assert stats['backend_connections']['died_while_cached'] == 0
+    assert stats['clients']['refused'] == 0
     assert 'demopass' not in json.dumps(stats)
     ini = tmp_path / 'proxy.ini'
     ini.write_text('[gimapproxy]\nserver_hostname = 127.0.0.1\nstats_listen = 127.0.0.1:%d\n'
