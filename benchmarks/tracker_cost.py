@@ -15,30 +15,29 @@ import sys
 import timeit
 
 
+def exchange(tracker, command: bytes, untagged: list) -> bytes:
+    """Send `command` through `tracker`, answer it with the `untagged` lines and a tagged
+    OK under the tag the tracker sent; return the OK as the client gets it."""
+    tracker.feed(command)
+    sent = tracker.next_event()
+    for line in untagged:
+        tracker.on_response(line)
+    return tracker.on_response(sent[:sent.index(b' ')] + b' OK done\r')
+
+
 def round_trip(tracker_class, command: bytes, untagged: list):
-    """A function that sends `command` through one tracker and answers it with the
-    `untagged` lines and a tagged OK; a mailbox is selected first when there are any."""
+    """A function that runs one `exchange` of `command` on one tracker; a mailbox is
+    selected first when there are `untagged` lines (mailbox data)."""
     # The session's prefix as the proxy makes it, where the tracker has one.
     make_prefix = getattr(sys.modules[tracker_class.__module__], 'new_prefix', None)
     tracker = tracker_class(prefix=make_prefix()) if make_prefix else tracker_class()
+    if untagged:
+        exchange(tracker, b'a0 SELECT INBOX\r\n', [])
 
     def once():
-        tracker.feed(command)
-        sent = tracker.next_event()
-        tag = sent[:sent.index(b' ')]
-        for line in untagged:
-            tracker.on_response(line)
-        out = tracker.on_response(tag + b' OK done\r')
+        out = exchange(tracker, command, untagged)
         assert out.startswith(command[:3] + b'OK'), out
-    if untagged:
-        round_trip_of(tracker, b'a0 SELECT INBOX\r\n')
     return once
-
-
-def round_trip_of(tracker, command: bytes) -> None:
-    tracker.feed(command)
-    sent = tracker.next_event()
-    tracker.on_response(sent[:sent.index(b' ')] + b' OK done\r')
 
 
 def main(argv=None) -> int:

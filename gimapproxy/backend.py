@@ -349,37 +349,32 @@ class BackendConnection:
             BackendError: more than `budget` bytes.
             BackendUnavailable: EOF or a socket error.
         """
-        left = [budget]
-        self._finish_response(left)
+        left = self.finish_response(budget)
         while True:
-            event = self.read_event()
-            self._spend(left, event, budget)
+            event, left = self._read_within(left)
             first = event.data
             try:
                 response = parse_response(first)
             except ProtocolError as exc:
                 raise BackendDesync('malformed response: %s' % exc) from None
             while isinstance(event, LiteralData) or event.literal is not None:
-                event = self.read_event()
-                self._spend(left, event, budget)
+                event, left = self._read_within(left)
             yield response, first
 
     def finish_response(self, budget: int) -> int:
         """Read and drop the rest of a response half read, if any, within `budget`
-        bytes; return what is left of it."""
-        left = [budget]
-        self._finish_response(left)
-        return left[0]
-
-    def _finish_response(self, left: list) -> None:
+        bytes; return what is left of the budget."""
         while not self.framer.at_boundary:
-            self._spend(left, self.read_event(), left[0])
+            _, budget = self._read_within(budget)
+        return budget
 
-    @staticmethod
-    def _spend(left: list, event, budget: int) -> None:
-        left[0] -= len(event.data)
-        if left[0] < 0:
-            raise BackendError('more than %d bytes of responses' % budget)
+    def _read_within(self, budget: int) -> tuple:
+        """The next event, and what is left of `budget` after it (see read_event)."""
+        event = self.read_event()
+        budget -= len(event.data)
+        if budget < 0:
+            raise BackendError('more responses than the proxy reads and drops')
+        return event, budget
 
     def read_tagged(self, tag: bytes, continuation: Optional[bytes] = None
                     ) -> tuple[Response, list[bytes]]:

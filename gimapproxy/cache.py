@@ -93,15 +93,6 @@ class Entry:
         self.closed_from = State.CONNECTING      # the state its closing started in
 
     @property
-    def cached(self) -> bool:
-        return self.state is State.CACHED
-
-    @property
-    def logout_time(self) -> Optional[float]:
-        """When its last session ended, while cached; else None."""
-        return self.since if self.state is State.CACHED else None
-
-    @property
     def profile(self) -> frozenset:
         """The connection's sticky state (see BackendConnection.profile)."""
         return self.conn.profile
@@ -395,7 +386,8 @@ class ConnectionCache:
                 'authzid': key[0].decode('utf-8', 'replace'),
                 'active': sum(1 for entry in entries if entry.state is not State.CACHED),
                 'cached_idle_seconds': [round(now - entry.since, 1)
-                                        for entry in entries if entry.cached]})
+                                        for entry in entries
+                                        if entry.state is State.CACHED]})
         return rows
 
     # -- maintenance ---------------------------------------------------------------------

@@ -227,14 +227,13 @@ class Lease:
             _call(farewell)
             return
         conn.profile, conn.replay = tracker.profile, tracker.replay
-        implicit = tracker.condstore and not CONDSTORE <= conn.profile
-        if implicit:
+        if tracker.condstore:
             # Turned on without ENABLE (or so it seemed): the reset makes sure of it.
             conn.profile, conn.replay = conn.profile | CONDSTORE, None
         self.pool.cache.move(entry, State.RESETTING)
         timeout = self.pool.config.reset_timeout
         try:
-            sent = conn.start_reset(timeout, implicit)
+            sent = conn.start_reset(timeout, tracker.condstore)
             if farewell is not None:
                 farewell()
                 farewell = None

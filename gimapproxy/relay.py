@@ -97,15 +97,15 @@ class Relay:
         self.write_timeout = config.write_timeout
         self.trace = ProtocolTrace(log, session_id, user) if trace else None
         self.io: Optional[Duplex] = None
-        self.last_activity = self.server_heard = _monotonic()
+        self.last_activity = _monotonic()
         self.timed_out = False             # idle_timeout passed: say BYE
         self.idle_timer = None
         self.local: list[bytes] = []  # the proxy's words, waiting for a response's end
-        self.phase = RELAYING
-        self.logout: Optional[Held] = None      # a LOGOUT waiting for earlier replies
+        self.phase = RELAYING         # the loop's state; what each phase waits with:
+        self.logout: Optional[Held] = None      # LOGGING_OUT: the LOGOUT held
         self.logout_deadline = 0.0
-        self.ending: Optional[End] = None       # the End to return once the client
-        self.ending_deadline = 0.0              # has what it is owed (see `end_with`)
+        self.ending: Optional[End] = None       # ENDING: the End to return once the
+        self.ending_deadline = 0.0              # client has what it is owed (end_with)
 
     def run(self) -> End:
         """Relay until LOGOUT or either side leaves; return how it ended."""
@@ -147,7 +147,7 @@ class Relay:
                 try:
                     client.flush()
                 except OSError as exc:
-                    end = self.client_gone(self.ending or End(
+                    end = self.client_gone(self.ending if self.phase is ENDING else End(
                         EndedBy.CLIENT, 'client gone: write failed: %s' % (exc.strerror or exc)))
             if end is None and (self.phase is not RELAYING or self.timed_out
                                 or client.stalled or server.stalled):
@@ -161,12 +161,12 @@ class Relay:
     def check_deadlines(self) -> Optional[End]:
         """After each turn: the LOGOUT and ending waits, idle time and write
         timeouts."""
-        if self.logout is not None:
+        if self.phase is LOGGING_OUT:
             end = self.check_logout()
             if end is not None:
                 return end
         client, server = self.io.client, self.io.server
-        if self.ending is not None:
+        if self.phase is ENDING:
             if not self.local and not client.queue and not server.queue:
                 return self.ending
             if _monotonic() >= self.ending_deadline:
@@ -192,8 +192,11 @@ class Relay:
         io = self.io
         sides = 0
         phase = self.phase
+        # (What the tracker holds behind a synchronizing literal waiting for its "+"
+        # counts too; otherwise it holds at most an unfinished line, below the limit.)
         if (phase is RELAYING and io.server.queued < QUEUE_LIMIT
-                and self.tracker.framer.buffered < QUEUE_LIMIT):
+                and (self.tracker.held is None
+                     or self.tracker.framer.buffered < QUEUE_LIMIT)):
             sides = CLIENT_IN
         if (phase is not ENDING or self.local) and io.client.queued < QUEUE_LIMIT:
             sides |= SERVER_IN
@@ -217,9 +220,9 @@ class Relay:
         if client.stalled or server.stalled or self.phase is not RELAYING:
             times = [side.stalled + self.write_timeout
                      for side in (client, server) if side.stalled is not None]
-            if self.logout is not None:
+            if self.phase is LOGGING_OUT:
                 times.append(self.logout_due())
-            if self.ending is not None:
+            elif self.phase is ENDING:
                 times.append(self.ending_deadline)
             deadline = min(times)
         self.io.wait(want, deadline)
@@ -281,10 +284,10 @@ class Relay:
             pass
         elif held.kind is Hold.LOGOUT:
             # Answered once every earlier command has its reply: see check_logout.
+            # (From here on only the server is read: `last_activity` is when it last
+            # spoke, or when the LOGOUT came.)
             self.logout, self.phase = held, LOGGING_OUT
-            now = _monotonic()
-            self.logout_deadline = now + LOGOUT_WAIT
-            self.server_heard = now           # silence counts from the LOGOUT on
+            self.logout_deadline = _monotonic() + LOGOUT_WAIT
         else:
             self.to_server(self.tracker.forward(held))
 
@@ -310,7 +313,7 @@ class Relay:
 
     def logout_due(self) -> float:
         """When a held LOGOUT stops waiting for the replies owed before it."""
-        return min(self.logout_deadline, self.server_heard + LOGOUT_SILENCE)
+        return min(self.logout_deadline, self.last_activity + LOGOUT_SILENCE)
 
     def take_profile(self, held: Held) -> bool:
         """Serve a session whose first command that changes state asks for a profile
@@ -323,7 +326,8 @@ class Relay:
         none: the command then goes to the server as usual."""
         if not self.settled():
             return False
-        entry = self.lease.checkout(held.profile, held.key)
+        enabled_by = held.enabled_by
+        entry = self.lease.checkout(held.profile, enabled_by)
         if entry is None:
             return False
         old = self.lease.conn
@@ -335,7 +339,7 @@ class Relay:
         self.io.attach(conn.sock)
         log.info('profile: id=%s backend=%s result=reused replaced=%s profile=%s', self.id,
                  conn.id, old.id, describe(conn))
-        if held.key is not None:
+        if enabled_by is not None:
             self.tracker.answered(conn.profile, conn.replay)
             self.say(conn.replay.answer(held.tag))
         else:
@@ -359,7 +363,7 @@ class Relay:
             return None
         if server.more(data):
             self.io.ready |= SERVER_IN
-        self.last_activity = self.server_heard = _monotonic()
+        self.last_activity = _monotonic()
         return self.on_server(data)
 
     def on_server(self, data: bytes) -> Optional[End]:
@@ -466,4 +470,3 @@ class Relay:
                 self.io.client.put(b'* BYE Server connection lost.\r\n')
         self.ending, self.phase = end, ENDING
         self.ending_deadline = _monotonic() + self.write_timeout
-        self.logout = None

@@ -88,15 +88,21 @@ class Held:
     """A command the relay may answer itself, or send on another connection: `kind` is
     a Hold: LOGOUT, COMPRESS, or PROFILE: the session's first command that changes
     state asks for `profile`, and a cached connection of that profile may serve the
-    session instead (an ENABLE, only one whose profile was set by the same bytes, `key`;
-    a SELECT or EXAMINE with the CONDSTORE parameter, any). Nothing is recorded until
-    the relay calls `Tracker.forward` (or `answered`); a refused one leaves no trace."""
-    __slots__ = ('kind', 'tag', 'name', 'data', 'profile', 'key')
+    session instead (an ENABLE, only one whose profile was set by the same bytes,
+    `enabled_by`; a SELECT or EXAMINE with the CONDSTORE parameter, any). Nothing is
+    recorded until the relay calls `Tracker.forward` (or `answered`); a refused one
+    leaves no trace."""
+    __slots__ = ('kind', 'tag', 'name', 'data', 'profile')
 
     def __init__(self, kind: Hold, tag: bytes, name: bytes, data: bytes,
-                 profile: frozenset = frozenset(), key: Optional[bytes] = None) -> None:
+                 profile: frozenset = frozenset()) -> None:
         self.kind, self.tag, self.name, self.data = kind, tag, name, data
-        self.profile, self.key = profile, key
+        self.profile = profile
+
+    @property
+    def enabled_by(self) -> Optional[bytes]:
+        """An ENABLE's bytes after its tag (what a Replay is kept under), else None."""
+        return self.data[len(self.tag):] if self.name == b'ENABLE' else None
 
 
 class Sent:
@@ -146,8 +152,8 @@ class Tracker:
         self.held: Optional[Sent] = None         # its literal waits for that "+"
         self.released = False        # a "+" or a refusal ended `held`: frame on
         self.listed: list[bytes] = []               # `* ENABLED` lines of an ENABLE
-        self.enabling: Optional[Sent] = None     # see record
-        self.enabling_text = b''
+        # The ENABLE that may set the profile, and its bytes after the tag (see record).
+        self.enabling: Optional[tuple[Sent, bytes]] = None
         self.condstore = False       # CONDSTORE may have been turned on without ENABLE
         self.pinned = False          # a command that may change state was sent
         self.server_bye = False
@@ -293,8 +299,8 @@ class Tracker:
         modseq, a FETCH of MODSEQ with nothing selected) stays on its connection."""
         if name == b'ENABLE':
             names = rest.split()
-            return Held(Hold.PROFILE, tag, name, data, enable_profile(names),
-                        data[len(tag):]) if names else None
+            return Held(Hold.PROFILE, tag, name, data,
+                        enable_profile(names)) if names else None
         if name in SELECTING and SELECT_CONDSTORE_RE.match(rest):
             return Held(Hold.PROFILE, tag, name, data, CONDSTORE)
         return None
@@ -306,9 +312,10 @@ class Tracker:
         owned = self.prefix + b'%d' % self.sent
         command = Sent(owned, tag, name, COMMANDS.get(name))
         # The ENABLE that sets the profile, alone in flight: its answer can be replayed.
-        self.enabling = (command if name == b'ENABLE' and not self.inflight
-                         and not self.profile and not self.pinned else None)
-        self.enabling_text = data[len(tag):] if self.enabling else b''
+        if name == b'ENABLE' and not self.inflight and not self.profile and not self.pinned:
+            self.enabling = (command, data[len(tag):])
+        elif self.enabling is not None:
+            self.enabling = None
         self.inflight[owned] = command
         if name not in STATELESS:
             self.pinned = True
@@ -352,6 +359,12 @@ class Tracker:
         else:
             self.start_literal(command, size)
         return data
+
+    def release(self) -> None:
+        """The held synchronizing literal got its "+" or its refusal: the client's bytes
+        behind it can be framed (the relay sees `released`)."""
+        self.held = None
+        self.released = True
 
     def start_literal(self, command: Sent, size: int) -> None:
         self.framer.expect_literal(size)
@@ -414,7 +427,9 @@ class Tracker:
         # RFC 7162 section 3.1: these turn CONDSTORE on for the rest of the session, as
         # ENABLE CONDSTORE does. The connection is then cached under that profile (the
         # reset sends ENABLE CONDSTORE to make sure of it).
-        if b'CONDSTORE' not in self.profile and CONDSTORE_RE.search(text):
+        # An ENABLE turns it on explicitly, with the profile, once the server says OK.
+        if (b'CONDSTORE' not in self.profile and command.name != b'ENABLE'
+                and CONDSTORE_RE.search(text)):
             self.condstore = True
         if command.name in SEARCHING and UPDATE_RE.search(text):
             self.doubt('search updates')
@@ -432,8 +447,7 @@ class Tracker:
             if self.waiting:
                 command = self.waiting.pop(0)
                 if command is self.held:
-                    self.held = None
-                    self.released = True
+                    self.release()
                     self.start_literal(command, command.sync)
             else:
                 self.doubt('continuation request nobody asked for')
@@ -487,8 +501,7 @@ class Tracker:
             # (RFC 3501 section 7.5); or an IDLE ended without its continuation.
             self.waiting.remove(command)
             if command is self.held:
-                self.held = None
-                self.released = True
+                self.release()
         if command is self.idling:
             self.idling = None
         if status != b'OK' and command.literals:
@@ -507,8 +520,8 @@ class Tracker:
                 self.doubt('enable failed')
             else:
                 profile = self.profile | enable_profile(command.names)
-                if command is self.enabling:
-                    self.replay = Replay(self.enabling_text, b''.join(
+                if self.enabling is not None and command is self.enabling[0]:
+                    self.replay = Replay(self.enabling[1], b''.join(
                         listed + b'\n' for listed in self.listed),
                         line[len(command.tag):] + b'\n')
                 elif profile != self.profile:

@@ -11,7 +11,6 @@ dropped it (it could not be sure), the next session cannot tell.
 
 The module has a Dovecot of its own, with a user per test.
 """
-import itertools
 import re
 import socket
 import time
@@ -21,8 +20,8 @@ import pytest
 from gimapproxy import make_config
 from gimapproxy.tls import BackendTLS
 from tests.backends import NO_AUTH_PENALTY_CONF, Dovecot, require_dovecot
-from tests.transcript import (Session, diff, login_results, module_fixtures, probe,
-                              wait_settled)
+from tests.transcript import (Session, account_fixture, diff, login_results,
+                              module_fixtures, probe, wait_settled)
 from tests.wire import Client
 
 USERS = 60
@@ -31,17 +30,7 @@ USERS = 60
 server, proxy = module_fixtures('atk', USERS)
 
 
-_numbers = itertools.count(1)
-
-
-@pytest.fixture
-def account(server, proxy_log):
-    """A user no other test of the module touches: (name, password)."""
-    user = 'atk%d' % next(_numbers)
-    assert user in server.users, 'raise USERS'
-    yield user, server.users[user]
-    text = '\n'.join(proxy_log.lines)
-    assert 'pw-atk' not in text, 'a password reached the log'
+account = account_fixture('atk')
 
 
 def assert_same(got, want, what):

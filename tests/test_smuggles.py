@@ -12,28 +12,18 @@ The last test takes one rule out of the tracker (empty literals) and shows that 
 proxy's own tags still keep the connection out of the cache: what the server ran shows
 in what it answered.
 """
-import itertools
 import re
 
 import pytest
 
 from tests.test_attacks import assert_next_session_fresh, assert_same, run
-from tests.transcript import login_results, module_fixtures, wait_settled
+from tests.transcript import account_fixture, login_results, module_fixtures, wait_settled
 
 USERS = 60
 
 server, proxy = module_fixtures('smg', USERS)
 
-_numbers = itertools.count(1)
-
-
-@pytest.fixture
-def account(server, proxy_log):
-    """A user no other test of the module touches: (name, password)."""
-    user = 'smg%d' % next(_numbers)
-    assert user in server.users, 'raise USERS'
-    yield user, server.users[user]
-    assert 'pw-smg' not in '\n'.join(proxy_log.lines), 'a password reached the log'
+account = account_fixture('smg')
 
 
 def both(server, proxy, user, password, steps, before=()):

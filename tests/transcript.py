@@ -12,6 +12,7 @@ Used by tests/test_attacks.py and tests/test_differential.py.
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 import socket
 import time
@@ -169,6 +170,21 @@ def module_fixtures(prefix: str, users):
         proxy.stop(2)
 
     return server, proxy
+
+
+def account_fixture(prefix: str):
+    """The `account` fixture of a module whose users module_fixtures(prefix, ...) made:
+    a user no other test of the module touches, (name, password); no password of theirs
+    may reach the proxy's log."""
+    numbers = itertools.count(1)
+
+    @pytest.fixture
+    def account(server, proxy_log):
+        user = '%s%d' % (prefix, next(numbers))
+        assert user in server.users, "raise the module's number of users"
+        yield user, server.users[user]
+        assert 'pw-' + prefix not in '\n'.join(proxy_log.lines), 'a password reached the log'
+    return account
 
 
 def probe(port: int, user: str, password: str, prelude: tuple = (),
